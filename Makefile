@@ -1,0 +1,52 @@
+# The companion's commands. The two that matter: `make reproduce` and `make test`.
+PROFILE ?= tiny
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+KERNEL := medlib
+NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
+
+.PHONY: setup reproduce test test-fast bench lab sync backbones clean help
+
+help:
+	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
+	@echo "make test                                      unit + integration + nbval tests"
+	@echo "make setup | bench | lab | sync | backbones | clean"
+
+# setup is idempotent: it reruns only when pyproject.toml changes (or .venv is missing).
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	# torch from the local wheels with pip (never uv / poetry), then the package and its deps.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (medlib)" >/dev/null
+	touch $(STAMP)
+
+reproduce: setup
+	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL)
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest --nbval-lax -p no:xdist notebooks
+
+test-fast: setup
+	$(PY) -m pytest -n 2 -m "not slow" tests
+
+bench: setup
+	$(PY) -m benchmarks.run --out reports/bench
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+sync: setup
+	$(VENV)/bin/jupytext --sync $(NOTEBOOKS)
+
+backbones: setup
+	$(PY) -m medlib.models build all --profile $(PROFILE)
+
+clean:
+	rm -rf .cache reports/smoke reports/tiny reports/gpu reports/paper

@@ -1,0 +1,278 @@
+"""Profiles, paths, seeding and device choice: the one place where sizes live.
+
+A notebook receives only a profile *name*; everything it needs (data sizes, image size,
+model names, epochs, grids) comes from :func:`get_profile`. Profiles are frozen
+dataclasses, so a notebook cannot change them by accident; derive a variant with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_NAMES = ("smoke", "tiny", "gpu", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Sizes of the data every notebook draws from."""
+
+    phantom_size: int  # pixel size at which phantoms are generated and cached
+    n_per_dataset: int  # images per phantom data set (per site / family)
+    n_natural: int  # natural stand-in images for SSL / supervised pre-training
+    n_show: int  # images per grid in figures
+    sources: dict[str, str] = field(default_factory=dict)  # logical name -> source spec
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The ViT architecture of the embedded backbones and which names a study compares."""
+
+    arch: str  # timm architecture name the embedded ViTs are built from
+    arch_kwargs: dict = field(default_factory=dict)  # img_size, patch_size, embed_dim, depth, ...
+    image_size: int = 64  # input size for feature extraction / fine-tuning
+    embedded_suffix: str = "vit-tiny"  # embedded names end with this, e.g. ssl-natural-vit-tiny
+    compare: tuple[str, ...] = ()  # backbone names compared in the studies
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """DINOv2 recipe settings, scaled to the profile (official values in comments)."""
+
+    global_size: int  # 224
+    local_size: int  # 96 / 98
+    n_local: int  # 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    batch_size: int = 64  # 1024
+    steps: int = 1000
+    warmup_steps: int = 100  # 10 epochs
+    base_lr: float = 4e-3  # x sqrt(batch / 1024)
+    min_lr: float = 1e-6
+    weight_decay: tuple[float, float] = (0.04, 0.4)
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    drop_path: float = 0.1  # 0.3
+    n_prototypes: int = 4096  # 65536
+    head_hidden: int = 512  # 2048
+    head_bottleneck: int = 128  # 256
+    teacher_momentum: tuple[float, float] = (0.992, 1.0)
+    teacher_temp: tuple[float, float] = (0.04, 0.07)
+    teacher_temp_warmup_steps: int = 300  # 30 epochs
+    student_temp: float = 0.1
+    centering: str = "sinkhorn_knopp"  # or "softmax"
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    freeze_last_layer_steps: int = 100  # first epoch
+    vertical_flip: bool = False  # seed 001 adds vertical flips on domain images
+    checkpoint_every: int = 200
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol sizes (few-shot grid, kNN k, probe / fine-tune epochs)."""
+
+    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
+    few_shot_ns: tuple[int, ...] = (1, 2, 4, 8, 16)
+    few_shot_repeats: int = 5
+    probe_epochs: int = 10
+    probe_lrs: tuple[float, ...] = (1e-3, 5e-3, 1e-2, 5e-2)
+    finetune_epochs: int = 10
+    finetune_batch_size: int = 32
+    seg_epochs: int = 10
+    folds: int = 5
+    bootstrap: int = 1000
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a notebook needs to know about how big to run."""
+
+    name: str
+    description: str
+    data: DataConfig
+    backbone: BackboneConfig
+    ssl: SSLConfig
+    eval: EvalConfig
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    num_workers: int = 0
+
+    def resolved_device(self) -> str:
+        """The torch device string this profile runs on."""
+        return resolve_device(self.device)
+
+
+_VIT_TINY_64 = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+_VIT_SMOKE_32 = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+_VIT_S14_224 = dict(img_size=224, patch_size=14)
+
+_PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="a few dozen images, tiny models, a few steps: CI / nbval, seconds per notebook",
+        data=DataConfig(phantom_size=64, n_per_dataset=48, n_natural=64, n_show=8),
+        backbone=BackboneConfig(
+            arch="vit_tiny_patch16_224", arch_kwargs=_VIT_SMOKE_32, image_size=32,
+            embedded_suffix="vit-smoke",
+            compare=("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "efficientnet-lite0.in1k", "random-vit-tiny"),
+        ),
+        ssl=SSLConfig(global_size=32, local_size=16, n_local=2, batch_size=8, steps=4, warmup_steps=1,
+                      teacher_temp_warmup_steps=2, n_prototypes=64, head_hidden=64, head_bottleneck=32,
+                      freeze_last_layer_steps=1, checkpoint_every=2),
+        eval=EvalConfig(knn_ks=(5,), few_shot_ns=(1, 2), few_shot_repeats=2, probe_epochs=2,
+                        probe_lrs=(1e-2,), finetune_epochs=1, finetune_batch_size=8, seg_epochs=1,
+                        folds=2, bootstrap=50, batch_size=16),
+    ),
+    "tiny": Profile(
+        name="tiny",
+        description="thousands of images, small self-trained ViTs at 64 px: 2-core CPU, minutes; teaching",
+        data=DataConfig(phantom_size=128, n_per_dataset=1200, n_natural=4000, n_show=16),
+        backbone=BackboneConfig(
+            arch="vit_tiny_patch16_224", arch_kwargs=_VIT_TINY_64, image_size=64,
+            embedded_suffix="vit-tiny",
+            compare=("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "efficientnet-lite0.in1k", "random-vit-tiny"),
+        ),
+        ssl=SSLConfig(global_size=64, local_size=32, n_local=6, batch_size=64, steps=3000, warmup_steps=300,
+                      teacher_temp_warmup_steps=900, freeze_last_layer_steps=300),
+        eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
+                        probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
+                        folds=5, bootstrap=1000),
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description="paper-like sizes (224 px, ViT-S/14) on embedded data, self-trained: one GPU",
+        data=DataConfig(phantom_size=256, n_per_dataset=8000, n_natural=50000, n_show=16),
+        backbone=BackboneConfig(
+            arch="vit_small_patch14_dinov2", arch_kwargs=_VIT_S14_224, image_size=224,
+            embedded_suffix="vit-s14",
+            compare=("ssl-natural-vit-s14", "sup-natural-vit-s14", "efficientnet-lite0.in1k", "random-vit-s14"),
+        ),
+        ssl=SSLConfig(global_size=224, local_size=98, n_local=8, batch_size=256, steps=4000, warmup_steps=400,
+                      n_prototypes=16384, head_hidden=2048, head_bottleneck=256, drop_path=0.3,
+                      teacher_temp_warmup_steps=1200, freeze_last_layer_steps=400, checkpoint_every=500),
+        eval=EvalConfig(few_shot_repeats=5, probe_epochs=10, finetune_epochs=20, finetune_batch_size=64,
+                        seg_epochs=10, batch_size=256),
+        num_workers=8,
+    ),
+    "paper": Profile(
+        name="paper",
+        description="real data sets and real DINOv2 / IN-21k weights supplied by the user: GPU(s)",
+        data=DataConfig(phantom_size=224, n_per_dataset=0, n_natural=0, n_show=16,
+                        sources={
+                            "cxr_multilabel": "medmnist:chestmnist?size=224",
+                            "breast_us": "medmnist:breastmnist?size=224",
+                            "organ_ct": "medmnist:organamnist?size=224",
+                        }),
+        backbone=BackboneConfig(
+            arch="vit_base_patch14_dinov2", arch_kwargs=dict(img_size=224), image_size=224,
+            embedded_suffix="vit-s14",
+            compare=("dinov2-vit-s14", "dinov2-vit-b14", "dinov2-vit-l14", "vit-b16-in21k", "resnet50-in1k"),
+        ),
+        ssl=SSLConfig(global_size=224, local_size=98, n_local=8, batch_size=256, steps=10000, warmup_steps=1000,
+                      base_lr=2e-4, n_prototypes=65536, head_hidden=2048, head_bottleneck=256, drop_path=0.4,
+                      teacher_momentum=(0.994, 1.0), weight_decay=(0.04, 0.2), vertical_flip=True,
+                      teacher_temp_warmup_steps=3000, freeze_last_layer_steps=100, checkpoint_every=1000),
+        eval=EvalConfig(probe_epochs=10, finetune_epochs=30, finetune_batch_size=32, seg_epochs=10, batch_size=256),
+        num_workers=8,
+    ),
+}
+
+
+def get_profile(name: str | Profile) -> Profile:
+    """Return the named profile (or pass a Profile through); raises with the valid names."""
+    if isinstance(name, Profile):
+        return name
+    if name not in _PROFILES:
+        raise ValueError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.")
+    return _PROFILES[name]
+
+
+def override(profile: Profile, **changes) -> Profile:
+    """Return a copy of ``profile`` with nested fields changed, e.g. ``override(p, **{"ssl.steps": 10})``."""
+    sections: dict[str, dict] = {}
+    top: dict = {}
+    for key, value in changes.items():
+        if "." in key:
+            section, attr = key.split(".", 1)
+            if not hasattr(profile, section):
+                raise ValueError(f"Profile has no section {section!r}")
+            if not hasattr(getattr(profile, section), attr):
+                raise ValueError(f"Profile section {section!r} has no field {attr!r}")
+            sections.setdefault(section, {})[attr] = value
+        else:
+            if not hasattr(profile, key):
+                raise ValueError(f"Profile has no field {key!r}")
+            top[key] = value
+    for section, values in sections.items():
+        top[section] = dataclasses.replace(getattr(profile, section), **values)
+    return dataclasses.replace(profile, **top)
+
+
+def repo_root() -> Path:
+    """The repository root (the folder holding pyproject.toml), or the current folder."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def cache_dir() -> Path:
+    """Where generated data sets, features and checkpoints are cached (``MEDLIB_CACHE`` overrides)."""
+    path = Path(os.environ.get("MEDLIB_CACHE", repo_root() / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir() -> Path:
+    """The folder figures are written to (``MEDLIB_FIGURES`` overrides)."""
+    path = Path(os.environ.get("MEDLIB_FIGURES", repo_root() / "figures"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def reports_dir(profile: str | Profile) -> Path:
+    """``reports/<profile>/`` (``MEDLIB_REPORTS`` overrides the ``reports`` root)."""
+    name = get_profile(profile).name
+    path = Path(os.environ.get("MEDLIB_REPORTS", repo_root() / "reports")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy and torch; return a numpy Generator for local use."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map "auto" to "cuda" when a GPU is present, else "cpu"; validate explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"Device {device!r} requested but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+    return device
+
+
+def autocast_dtype(device: str):
+    """bf16 on GPUs that support it, otherwise None (fp32)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
