@@ -1,0 +1,151 @@
+"""Figure style, saving figures with provenance, tables (csv + md) and paper-vs-ours tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .cache import atomic_path, provenance, save_json
+from .config import Profile, figures_dir, get_profile, reports_dir
+
+MASK_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+                "#fabed4", "#469990", "#dcbeff")
+
+
+def set_style() -> None:
+    """The companion's figure style: seaborn whitegrid, readable fonts, tight layout."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    mpl.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "figure.constrained_layout.use": True,
+                         "axes.titleweight": "bold", "image.cmap": "gray"})
+
+
+def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str, ...] = ("png", "svg"),
+                **provenance_extra: Any) -> list[Path]:
+    """Save ``fig`` as ``figures/<name>_<profile>.<fmt>`` plus a ``.json`` provenance record; name must start NN_."""
+    profile_name = get_profile(profile).name
+    if len(name) < 3 or not name[:2].isdigit() or name[2] != "_":
+        raise ValueError(f"Figure name {name!r} must start with its notebook number, e.g. '01_fewshot_auroc'")
+    if not fig.axes or not any(ax.get_title() or ax.get_xlabel() for ax in fig.axes) and not fig.get_suptitle():
+        raise ValueError(f"Figure {name!r} has no title or axis labels; give it a caption-worthy title")
+    stem = figures_dir() / f"{name}_{profile_name}"
+    paths = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, bbox_inches="tight")
+        paths.append(path)
+    save_json(stem.with_suffix(".json"), provenance(profile=profile_name, figure=name, **provenance_extra))
+    return paths
+
+
+def save_table(df: pd.DataFrame, name: str, profile: str | Profile, float_format: str = "{:.3f}",
+               **provenance_extra: Any) -> dict[str, Path]:
+    """Write ``reports/<profile>/tables/<name>.csv`` and ``.md`` (+ provenance json); return the paths."""
+    if df.empty:
+        raise ValueError(f"Table {name!r} is empty; nothing to save")
+    folder = reports_dir(profile) / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"
+    with atomic_path(csv_path) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(to_markdown(df, float_format) + "\n")
+    save_json(folder / f"{name}.json", provenance(profile=get_profile(profile).name, table=name, **provenance_extra))
+    return {"csv": csv_path, "md": md_path}
+
+
+def to_markdown(df: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    """A GitHub-flavoured markdown table (no tabulate dependency), floats formatted, NaN as 'n/a'."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "n/a" if np.isnan(value) else float_format.format(value)
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def paper_vs_ours(ours: pd.DataFrame, published: pd.DataFrame, on: list[str], value: str = "value",
+                  profile: str | Profile | None = None) -> pd.DataFrame:
+    """Join our results with published figures on ``on``; adds 'published', 'ours', 'delta' and 'profile' columns."""
+    missing = [c for c in on + [value] if c not in ours.columns]
+    if missing:
+        raise KeyError(f"Our results lack columns {missing}; have {list(ours.columns)}")
+    pub_missing = [c for c in on + [value] if c not in published.columns]
+    if pub_missing:
+        raise KeyError(f"Published table lacks columns {pub_missing}; have {list(published.columns)}")
+    merged = ours[on + [value]].rename(columns={value: "ours"}).merge(
+        published[on + [value]].rename(columns={value: "published"}), on=on, how="left")
+    merged["delta"] = merged["ours"] - merged["published"]
+    if profile is not None:
+        merged["profile"] = get_profile(profile).name
+    return merged
+
+
+def overlay_masks(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4,
+                  colours: Iterable[str] = MASK_COLOURS) -> np.ndarray:
+    """RGB float image in [0, 1] with label-map ``mask`` (0 = background) blended on top of ``image``."""
+    from matplotlib.colors import to_rgb
+
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape[:2]}")
+    rgb = image.astype(np.float32) / 255.0
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    palette = [to_rgb(c) for c in colours]
+    out = rgb.copy()
+    for label in np.unique(mask):
+        if label == 0:
+            continue
+        colour = np.asarray(palette[(int(label) - 1) % len(palette)], dtype=np.float32)
+        sel = mask == label
+        out[sel] = (1 - alpha) * rgb[sel] + alpha * colour
+    return out
+
+
+def image_grid(images: np.ndarray, titles: list[str] | None = None, masks: np.ndarray | None = None,
+               ncols: int = 8, size: float = 1.6, suptitle: str | None = None) -> Any:
+    """A matplotlib figure showing uint8 images (optionally with mask overlays) in a grid."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("image_grid needs at least one image")
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i]
+        if masks is not None:
+            ax.imshow(overlay_masks(img, masks[i]))
+        else:
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def write_run_record(profile: str | Profile, notebook: str, wall_time_s: float, status: str,
+                     error: str | None = None) -> Path:
+    """Append one notebook run to ``reports/<profile>/runs.json`` (status, wall time, provenance)."""
+    path = reports_dir(profile) / "runs.json"
+    records = json.loads(path.read_text()) if path.exists() else {}
+    records[notebook] = provenance(profile=get_profile(profile).name, wall_time_s=wall_time_s, status=status,
+                                   error=error)
+    save_json(path, records)
+    return path

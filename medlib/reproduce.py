@@ -1,0 +1,129 @@
+"""`make reproduce`: execute every notebook with papermill into reports/<profile>/ and render HTML.
+
+The jupytext ``.py`` file is the source of truth; it is read in memory and executed, so
+``notebooks/`` is never modified. A failed cell leaves the partial executed notebook (and its
+HTML) in ``reports/<profile>/``, prints a one-line summary and makes the command exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PROFILE_NAMES, get_profile, repo_root, reports_dir
+from .reporting import write_run_record
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of executing one notebook."""
+
+    notebook: str
+    status: str  # "ok" or "failed"
+    wall_time_s: float
+    output: Path
+    html: Path | None
+    error: str | None = None
+
+
+def discover_notebooks(folder: Path | None = None, only: list[str] | None = None) -> list[Path]:
+    """The paired notebooks ``NN_name.py`` in order, optionally filtered by number or name prefix."""
+    folder = folder or repo_root() / "notebooks"
+    paths = sorted(p for p in folder.glob("[0-9][0-9]_*.py"))
+    if only:
+        paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
+        if not paths:
+            raise FileNotFoundError(f"No notebook in {folder} matches {only}")
+    return paths
+
+
+def render_html(ipynb: Path) -> Path:
+    """Render an executed notebook to HTML beside it (nbconvert's lab template)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(ipynb, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    html = ipynb.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: int | None = None,
+                 progress: bool = True) -> NotebookRun:
+    """Execute one paired notebook with papermill (parameter ``profile``) into ``reports/<profile>/``."""
+    import jupytext
+    import papermill as pm
+
+    out_dir = reports_dir(profile)
+    output = out_dir / f"{py_path.stem}.ipynb"
+    nb = jupytext.read(py_path)
+    start = time.perf_counter()
+    error = None
+    try:
+        pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel, language="python",
+                            cwd=str(py_path.parent), progress_bar=progress, execution_timeout=timeout)
+        status = "ok"
+    except pm.PapermillExecutionError as exc:
+        status = "failed"
+        error = f"cell {exc.cell_index} (exec {exc.exec_count}): {exc.ename}: {str(exc.evalue).splitlines()[0] if exc.evalue else ''}"
+    wall = time.perf_counter() - start
+    html = render_html(output) if output.exists() else None
+    write_run_record(profile, py_path.stem, wall, status, error)
+    return NotebookRun(py_path.stem, status, wall, output, html, error)
+
+
+def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
+              keep_going: bool = False) -> list[NotebookRun]:
+    """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``."""
+    get_profile(profile)  # validate early
+    runs = []
+    for path in discover_notebooks(only=only):
+        print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
+        run = run_notebook(path, profile, kernel)
+        runs.append(run)
+        print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}", flush=True)
+        if run.status != "ok" and not keep_going:
+            break
+    write_index(profile, runs)
+    return runs
+
+
+def write_index(profile: str, runs: list[NotebookRun]) -> Path:
+    """A small ``reports/<profile>/index.md`` listing each notebook's status and tables."""
+    out_dir = reports_dir(profile)
+    lines = [f"# Reports - profile `{profile}`", "", f"{get_profile(profile).description}", "",
+             "| notebook | status | wall time (s) | html |", "|---|---|---|---|"]
+    for run in runs:
+        html = run.html.name if run.html else "-"
+        lines.append(f"| {run.notebook} | {run.status} | {run.wall_time_s:.1f} | [{html}]({html}) |")
+    tables = sorted((out_dir / "tables").glob("*.md")) if (out_dir / "tables").exists() else []
+    if tables:
+        lines += ["", "## Tables", ""] + [f"- [{t.stem}](tables/{t.name})" for t in tables]
+    index = out_dir / "index.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``python -m medlib.reproduce --profile tiny``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
+    parser.add_argument("--kernel", default="medlib", help="Jupyter kernel name (make setup registers 'medlib')")
+    parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 01")
+    parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    args = parser.parse_args(argv)
+    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going)
+    failed = [r for r in runs if r.status != "ok"]
+    for r in failed:
+        print(f"FAILED {r.notebook}: {r.error} (partial notebook: {r.output})", file=sys.stderr)
+    total = sum(r.wall_time_s for r in runs)
+    print(f"[reproduce:{args.profile}] {len(runs) - len(failed)}/{len(runs)} notebooks ok in {total:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

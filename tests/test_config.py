@@ -1,0 +1,67 @@
+"""Profiles: one place for sizes, validated names, overrides, devices and seeding."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from medlib.config import PROFILE_NAMES, get_profile, override, resolve_device, seed_everything
+
+
+def test_every_profile_exists_and_is_named_after_itself():
+    for name in PROFILE_NAMES:
+        p = get_profile(name)
+        assert p.name == name
+        assert p.description
+
+
+def test_unknown_profile_lists_the_valid_names():
+    with pytest.raises(ValueError, match="smoke, tiny, gpu, paper"):
+        get_profile("huge")
+
+
+def test_profiles_grow_from_smoke_to_gpu():
+    smoke, tiny, gpu = (get_profile(n) for n in ("smoke", "tiny", "gpu"))
+    assert smoke.data.n_per_dataset < tiny.data.n_per_dataset < gpu.data.n_per_dataset
+    assert smoke.ssl.steps < tiny.ssl.steps
+    assert gpu.backbone.image_size == 224
+
+
+def test_profiles_are_frozen_and_override_returns_a_copy():
+    p = get_profile("smoke")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 3  # type: ignore[misc]
+    q = override(p, seed=3, **{"ssl.steps": 7})
+    assert (q.seed, q.ssl.steps) == (3, 7)
+    assert (p.seed, p.ssl.steps) == (0, get_profile("smoke").ssl.steps)
+
+
+def test_override_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="no field 'stepz'"):
+        override(get_profile("smoke"), **{"ssl.stepz": 1})
+    with pytest.raises(ValueError, match="no section"):
+        override(get_profile("smoke"), **{"nope.steps": 1})
+
+
+def test_paper_profile_follows_seed001_continuation_settings():
+    ssl = get_profile("paper").ssl
+    assert ssl.teacher_momentum == (0.994, 1.0) and ssl.weight_decay == (0.04, 0.2)
+    assert ssl.vertical_flip and ssl.centering == "sinkhorn_knopp" and ssl.n_local == 8
+
+
+def test_seed_everything_is_deterministic():
+    seed_everything(5)
+    a = (np.random.rand(3), torch.rand(3))
+    rng = seed_everything(5)
+    b = (np.random.rand(3), torch.rand(3))
+    assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert isinstance(rng, np.random.Generator)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda")

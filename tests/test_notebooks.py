@@ -1,0 +1,36 @@
+"""Each notebook exists as a jupytext pair, in sync, with one papermill parameters cell."""
+
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no NN_name.py notebooks"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pair_is_in_sync(py):
+    ipynb = py.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{py.name} has no paired .ipynb; run `make sync`"
+    from_py = [(c.cell_type, c.source.strip()) for c in jupytext.read(py).cells]
+    from_nb = [(c.cell_type, c.source.strip()) for c in nbformat.read(ipynb, as_version=4).cells]
+    assert from_py == from_nb, f"{py.name} and {ipynb.name} differ; run `make sync`"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_with_profile(py):
+    cells = [c for c in jupytext.read(py).cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and "profile" in cells[0].source
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_ipynb_holds_executed_outputs(py):
+    nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code), \
+        f"{py.with_suffix('.ipynb').name} must be committed executed (smoke outputs) for nbval"

@@ -1,0 +1,62 @@
+"""The papermill runner: executes the .py source, renders HTML, keeps partial output on failure."""
+
+import json
+import textwrap
+
+import nbformat
+import pytest
+
+from medlib import reproduce
+
+GOOD = textwrap.dedent('''\
+    # %% tags=["parameters"]
+    profile = "tiny"
+
+    # %%
+    print("profile is", profile)
+    ''')
+BAD = GOOD + '\n# %%\nraise ValueError("broken on purpose")\n\n# %%\nprint("never")\n'
+
+
+@pytest.fixture()
+def nb_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLIB_REPORTS", str(tmp_path / "reports"))
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.slow
+def test_run_notebook_injects_the_profile_and_renders_html(nb_dir, tmp_path):
+    (nb_dir / "00_good.py").write_text(GOOD)
+    source_before = (nb_dir / "00_good.py").read_text()
+    run = reproduce.run_notebook(nb_dir / "00_good.py", "smoke", kernel="python3", progress=False)
+    assert run.status == "ok" and run.html.exists()
+    nb = nbformat.read(run.output, as_version=4)
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "profile is smoke" in outputs
+    assert (nb_dir / "00_good.py").read_text() == source_before, "notebooks/ must never be modified"
+    assert json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())["00_good"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_failed_cell_keeps_partial_notebook_and_summarises(nb_dir):
+    (nb_dir / "01_bad.py").write_text(BAD)
+    run = reproduce.run_notebook(nb_dir / "01_bad.py", "smoke", kernel="python3", progress=False)
+    assert run.status == "failed" and run.output.exists() and run.html.exists()
+    assert "ValueError: broken on purpose" in run.error
+
+
+def test_discover_notebooks_filters_and_complains(nb_dir):
+    (nb_dir / "00_a.py").write_text(GOOD)
+    (nb_dir / "01_b.py").write_text(GOOD)
+    (nb_dir / "helper.py").write_text("")
+    assert [p.stem for p in reproduce.discover_notebooks(nb_dir)] == ["00_a", "01_b"]
+    assert [p.stem for p in reproduce.discover_notebooks(nb_dir, only=["01"])] == ["01_b"]
+    with pytest.raises(FileNotFoundError, match="matches"):
+        reproduce.discover_notebooks(nb_dir, only=["07"])
+
+
+def test_main_rejects_unknown_profiles():
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "huge"])
