@@ -39,6 +39,7 @@ class BackboneConfig:
     image_size: int = 64  # input size for feature extraction / fine-tuning
     embedded_suffix: str = "vit-tiny"  # embedded names end with this, e.g. ssl-natural-vit-tiny
     compare: tuple[str, ...] = ()  # backbone names compared in the studies
+    sup_epochs: int = 8  # epochs of the supervised embedded backbones (sup-natural, sup-cxr)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ _PROFILES: dict[str, Profile] = {
         data=DataConfig(phantom_size=64, n_per_dataset=48, n_natural=64, n_show=8),
         backbone=BackboneConfig(
             arch="vit_tiny_patch16_224", arch_kwargs=_VIT_SMOKE_32, image_size=32,
-            embedded_suffix="vit-smoke",
+            embedded_suffix="vit-smoke", sup_epochs=1,
             compare=("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "efficientnet-lite0.in1k", "random-vit-tiny"),
         ),
         ssl=SSLConfig(global_size=32, local_size=16, n_local=2, batch_size=8, steps=4, warmup_steps=1,
@@ -156,7 +157,7 @@ _PROFILES: dict[str, Profile] = {
         data=DataConfig(phantom_size=256, n_per_dataset=8000, n_natural=50000, n_show=16),
         backbone=BackboneConfig(
             arch="vit_small_patch14_dinov2", arch_kwargs=_VIT_S14_224, image_size=224,
-            embedded_suffix="vit-s14",
+            embedded_suffix="vit-s14", sup_epochs=30,
             compare=("ssl-natural-vit-s14", "sup-natural-vit-s14", "efficientnet-lite0.in1k", "random-vit-s14"),
         ),
         ssl=SSLConfig(global_size=224, local_size=98, n_local=8, batch_size=256, steps=4000, warmup_steps=400,

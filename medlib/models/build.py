@@ -1,0 +1,285 @@
+"""Build the embedded backbones with the project's own recipes, write fp16 safetensors + model cards.
+
+`python -m medlib.models build NAME|all --profile tiny` (or `make backbones`). The `tiny` weights
+are committed under ``medlib/models/embedded/``; other profiles write to the cache. Every card
+records the recipe and its hash; when the recipe code changes, the committed weights are flagged
+stale (``tests/test_embedded_backbones.py``) instead of being used silently.
+
+Families (names say what the weights are; nothing here is DINOv2):
+- ``ssl-natural``: the DINOv2 recipe from scratch on the natural-image stand-in (stand-in for the
+  public DINOv2 weights).
+- ``sup-natural``: supervised on the labelled natural stand-in (stand-in for ImageNet-21k).
+- ``sup-cxr``: supervised multi-label on chest phantoms of site 5, a site no study tests on
+  (stand-in for MIMIC-CXR supervised pre-training).
+- ``ssl-us`` / ``ssl-knee``: the recipe continued from ``ssl-natural`` on ultrasound / knee MRI
+  phantoms with a fresh head (seed 001's continuation).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import git_commit, stable_hash
+from ..config import Profile, cache_dir, get_profile, override, resolve_device
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+COMMITTED_SUFFIXES = ("vit-tiny",)  # the profile whose weights are committed
+HEALTH_MARGIN = 0.03  # kNN accuracy a trained backbone must gain over random init, on average
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one family of embedded backbones is built."""
+
+    family: str
+    kind: str  # "ssl" or "supervised"
+    data: tuple[str, ...]  # "natural", "natural_labelled" or phantom families ("cxr:5" = cxr of site 5)
+    init: str | None  # family to continue from (SSL continuation) or None (from scratch)
+    stands_in_for: str
+    steps_fraction: float = 1.0  # share of the profile's SSL steps (continuations are shorter)
+
+
+RECIPES: dict[str, Recipe] = {r.family: r for r in (
+    Recipe("ssl-natural", "ssl", ("natural",), None, "public DINOv2 weights (SSL on natural images)"),
+    Recipe("sup-natural", "supervised", ("natural_labelled",), None, "ImageNet-21k supervised weights"),
+    Recipe("sup-cxr", "supervised", ("cxr:5",), None, "MIMIC-CXR supervised weights (medical, supervised)"),
+    Recipe("ssl-us", "ssl", ("breast_us", "thyroid_us"), "ssl-natural",
+           "DINOv2 continued on RadImageNet ultrasound (seed 001)", steps_fraction=0.34),
+    Recipe("ssl-knee", "ssl", ("knee",), "ssl-natural", "DINOv2 continued on RadImageNet knee MRI (seed 001)",
+           steps_fraction=0.34),
+)}
+BUILD_ORDER = ("ssl-natural", "sup-natural", "sup-cxr", "ssl-us", "ssl-knee")
+RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "models/build.py", "eval/finetune.py", "data/phantoms/__init__.py",
+                  "data/natural.py")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"ssl-natural-vit-tiny"`` -> (``"ssl-natural"``, ``"vit-tiny"``); raises on unknown families."""
+    for family in RECIPES:
+        if name.startswith(family + "-"):
+            return family, name[len(family) + 1:]
+    raise ValueError(f"{name!r} is not an embedded backbone name; families: {', '.join(RECIPES)} + '-<arch>'")
+
+
+def _normalised_source(relative: str) -> str:
+    """Source of a medlib file with comments and docstrings stripped (so only code changes count)."""
+    path = Path(__file__).resolve().parent.parent / relative
+    if not path.exists():
+        return ""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def recipe_hash(name: str, profile: str | Profile) -> str:
+    """Hash of everything that shapes the weights: recipe, profile sections, arch and the recipe code."""
+    family, suffix = split_name(name)
+    p = get_profile(profile)
+    from .backbones import EMBEDDED_ARCHS
+
+    payload = {
+        "recipe": asdict(RECIPES[family]), "arch": EMBEDDED_ARCHS[suffix], "ssl": asdict(p.ssl),
+        "data": {"n_per_dataset": p.data.n_per_dataset, "n_natural": p.data.n_natural},
+        "sup_epochs": p.backbone.sup_epochs, "seed": p.seed,
+        "code": {src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES},
+    }
+    if RECIPES[family].init:
+        payload["init"] = recipe_hash(f"{RECIPES[family].init}-{suffix}", p)
+    return stable_hash(payload)
+
+
+def output_dir(suffix: str) -> Path:
+    """Committed folder for the `tiny` architecture, the cache for the others."""
+    return EMBEDDED_DIR if suffix in COMMITTED_SUFFIXES else cache_dir() / "backbones"
+
+
+def load_data(recipe: Recipe, profile: Profile, size: int) -> "ImageSet":  # noqa: F821
+    """The training images of a recipe, generated at ``size`` pixels."""
+    from ..data import natural, phantoms
+    from ..data.imageset import ImageSet
+
+    sets = []
+    for item in recipe.data:
+        if item == "natural":
+            sets.append(natural.make_natural(profile.data.n_natural, size=size, seed=profile.seed))
+        elif item == "natural_labelled":
+            sets.append(natural.make_natural_labelled(profile.data.n_natural, size=size, seed=profile.seed))
+        else:
+            family, _, site = item.partition(":")
+            sets.append(phantoms.make_dataset(family, profile.data.n_per_dataset, size=size, seed=profile.seed,
+                                              site=int(site or 0)))
+    if len(sets) == 1:
+        return sets[0]
+    images = np.concatenate([np.asarray(s.images) for s in sets])
+    return ImageSet(images=images, labels=None, label_names=[], task="none",
+                    patient_ids=np.concatenate([s.patient_ids for s in sets]), name="+".join(recipe.data))
+
+
+def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
+    """kNN accuracy (k=20, T=0.07) of CLS features on held-out labelled phantom tasks, vs random init."""
+    from ..data import natural, phantoms
+    from ..eval.knn import knn_accuracy
+    from .backbones import EMBEDDED_ARCHS, create_backbone
+
+    arch, kwargs = EMBEDDED_ARCHS[suffix]
+    size = kwargs["img_size"]
+    n = max(64, min(600, profile.data.n_per_dataset))
+    tasks = {
+        "ct_organ": phantoms.make_dataset("ct", n, size=size, seed=profile.seed + 1000),
+        "knee_acl": phantoms.make_dataset("knee", n, size=size, seed=profile.seed + 1000, target="acl_tear"),
+        "natural_class": natural.make_natural_labelled(n, size=size, seed=profile.seed + 1000),
+    }
+    random_model = create_backbone(f"random-{suffix}").model
+    result: dict = {"k": 20, "temperature": 0.07, "n_images": n, "tasks": {}}
+    for task, ds in tasks.items():
+        labels = ds.labels if ds.task == "multiclass" else ds.labels[:, 0].astype(int)
+        half = len(ds) // 2
+        accs = {}
+        for which, net in (("trained", model), ("random_init", random_model)):
+            feats = extract_cls(net, np.asarray(ds.images), size, device)
+            accs[which] = knn_accuracy(feats[:half], labels[:half], feats[half:], labels[half:], k=20)
+        result["tasks"][task] = accs
+    gains = [t["trained"] - t["random_init"] for t in result["tasks"].values()]
+    result["mean_gain"] = float(np.mean(gains))
+    result["passed"] = bool(result["mean_gain"] >= HEALTH_MARGIN)
+    return result
+
+
+@torch.no_grad()
+def extract_cls(model: torch.nn.Module, images: np.ndarray, size: int, device: str = "cpu",
+                batch_size: int = 128) -> np.ndarray:
+    """CLS features of a timm model (``forward_features`` then its pooling) for uint8 images."""
+    from ..data.transforms import ClassificationTransform
+
+    transform = ClassificationTransform(size, train=False)
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = transform(torch.as_tensor(images[i:i + batch_size])).to(device)
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool,
+               work_dir: Path) -> tuple[torch.nn.Module, dict]:
+    from ..ssl.train import train_ssl
+    from .backbones import EMBEDDED_ARCHS, create_backbone
+
+    arch, kwargs = EMBEDDED_ARCHS[suffix]
+    if recipe.init:
+        model = create_backbone(f"{recipe.init}-{suffix}").model  # continued: weights in, fresh head inside train_ssl
+    else:
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                  drop_path_rate=profile.ssl.drop_path, **kwargs)
+    ssl_cfg = profile.ssl
+    if recipe.init:
+        steps = max(2, int(round(ssl_cfg.steps * recipe.steps_fraction)))
+        ssl_cfg = override(profile, **{"ssl.steps": steps, "ssl.vertical_flip": True,
+                                       "ssl.warmup_steps": max(1, ssl_cfg.warmup_steps * steps // ssl_cfg.steps),
+                                       "ssl.teacher_temp_warmup_steps": max(1, ssl_cfg.teacher_temp_warmup_steps * steps // ssl_cfg.steps),
+                                       "ssl.freeze_last_layer_steps": max(1, ssl_cfg.freeze_last_layer_steps * steps // ssl_cfg.steps),
+                                       }).ssl
+    data = load_data(recipe, profile, size=max(ssl_cfg.global_size, kwargs["img_size"]))
+    result = train_ssl(model, np.asarray(data.images), ssl_cfg, out_dir=work_dir, seed=profile.seed, device=device,
+                       progress=progress)
+    info = {"steps": ssl_cfg.steps, "batch_size": ssl_cfg.batch_size, "images": len(data), "data": data.name,
+            "final_losses": {k: float(v) for k, v in result.history[-1].items() if isinstance(v, (int, float))}
+            if result.history else {}}
+    return result.student, info
+
+
+def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool) -> tuple[torch.nn.Module, dict]:
+    import timm
+
+    from ..data.splits import patient_split
+    from ..data.transforms import ClassificationTransform
+    from ..eval.finetune import Classifier, FinetuneConfig, train_classifier
+    from .backbones import EMBEDDED_ARCHS
+    from .heads import LinearHead
+
+    arch, kwargs = EMBEDDED_ARCHS[suffix]
+    size = kwargs["img_size"]
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=0.1,
+                              **kwargs)
+    data = load_data(recipe, profile, size=size)
+    split = patient_split(data, fractions=(0.9, 0.1, 0.0), seed=profile.seed) if len(data) > 20 else None
+    train = data.subset(split["train"]) if split else data
+    val = data.subset(split["val"]) if split else None
+    clf = Classifier(model, LinearHead(model.num_features, data.n_classes))
+    cfg = FinetuneConfig(epochs=profile.backbone.sup_epochs, batch_size=64, lr=1e-3, weight_decay=0.05,
+                         select_on="val_loss", label_smoothing=0.1 if data.task == "multiclass" else 0.0)
+    res = train_classifier(clf, train, val, cfg, transform_train=ClassificationTransform(size, train=True),
+                           transform_eval=ClassificationTransform(size, train=False), seed=profile.seed,
+                           device=device, progress=progress)
+    last = res.history.iloc[res.best_epoch].to_dict()
+    info = {"epochs": cfg.epochs, "images": len(train), "data": data.name, "selection": res.selection,
+            "best_epoch_metrics": {k: float(v) for k, v in last.items()}}
+    return res.model.backbone, info
+
+
+def build(name: str, profile: str | Profile = "tiny", device: str = "auto", progress: bool = True,
+          force: bool = False) -> Path:
+    """Train one embedded backbone by its recipe and write ``<name>.safetensors`` + ``<name>.json``."""
+    from safetensors.torch import save_file
+
+    p = get_profile(profile)
+    family, suffix = split_name(name)
+    from .backbones import EMBEDDED_ARCHS
+
+    if suffix not in EMBEDDED_ARCHS:
+        raise ValueError(f"unknown architecture suffix {suffix!r}; choose one of {sorted(EMBEDDED_ARCHS)}")
+    if suffix != p.backbone.embedded_suffix:
+        raise ValueError(f"profile {p.name!r} builds '*-{p.backbone.embedded_suffix}' backbones, not {name!r}")
+    out = output_dir(suffix)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, card_path = out / f"{name}.safetensors", out / f"{name}.json"
+    expected = recipe_hash(name, p)
+    if not force and weights.exists() and card_path.exists():
+        if json.loads(card_path.read_text()).get("recipe_hash") == expected:
+            print(f"[build] {name}: up to date ({weights})")
+            return weights
+    device = resolve_device(device)
+    recipe = RECIPES[family]
+    start = time.perf_counter()
+    work_dir = cache_dir() / "build" / f"{name}-{expected}"
+    if recipe.kind == "ssl":
+        model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
+    else:
+        model, info = _build_supervised(recipe, suffix, p, device, progress)
+    wall = time.perf_counter() - start
+    health = health_check(model, suffix, p, device)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"name": name, "recipe_hash": expected})
+    card = {
+        "name": name, "family": family, "architecture": suffix, "timm_arch": EMBEDDED_ARCHS[suffix][0],
+        "timm_kwargs": EMBEDDED_ARCHS[suffix][1], "is_dinov2": False, "stands_in_for": recipe.stands_in_for,
+        "recipe": asdict(recipe), "recipe_hash": expected, "profile": p.name, "ssl_config": asdict(p.ssl),
+        "training": info, "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "torch_threads": torch.get_num_threads(), "wall_time_s": round(wall, 1), "health": health,
+        "built_from_commit": git_commit(), "dtype": "float16",
+        "parameters": int(sum(v.numel() for v in state.values())),
+    }
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    status = "PASSED" if health["passed"] else "FAILED"
+    print(f"[build] {name}: {wall:.0f} s, health {status} (mean kNN gain over random init {health['mean_gain']:+.3f})")
+    return weights
+
+
+def build_all(profile: str | Profile = "tiny", device: str = "auto", progress: bool = True,
+              force: bool = False) -> list[Path]:
+    """Build every family for the profile's architecture, in dependency order."""
+    p = get_profile(profile)
+    return [build(f"{family}-{p.backbone.embedded_suffix}", p, device, progress, force) for family in BUILD_ORDER]
