@@ -134,11 +134,12 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
 
     arch, kwargs = EMBEDDED_ARCHS[suffix]
     size = kwargs["img_size"]
+    gen_size = max(64, size)  # phantoms are drawn at >= 64 px; the transform resizes to the model's size
     n = max(64, min(600, profile.data.n_per_dataset))
     tasks = {
-        "ct_organ": phantoms.make_dataset("ct", n, size=size, seed=profile.seed + 1000),
-        "knee_acl": phantoms.make_dataset("knee", n, size=size, seed=profile.seed + 1000, target="acl_tear"),
-        "natural_class": natural.make_natural_labelled(n, size=size, seed=profile.seed + 1000),
+        "ct_organ": phantoms.make_dataset("ct", n, size=gen_size, seed=profile.seed + 1000),
+        "knee_acl": phantoms.make_dataset("knee", n, size=gen_size, seed=profile.seed + 1000, target="acl_tear"),
+        "natural_class": natural.make_natural_labelled(n, size=gen_size, seed=profile.seed + 1000),
     }
     random_model = create_backbone(f"random-{suffix}").model
     result: dict = {"k": 20, "temperature": 0.07, "n_images": n, "tasks": {}}
@@ -192,7 +193,8 @@ def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progr
                                        "ssl.teacher_temp_warmup_steps": max(1, ssl_cfg.teacher_temp_warmup_steps * steps // ssl_cfg.steps),
                                        "ssl.freeze_last_layer_steps": max(1, ssl_cfg.freeze_last_layer_steps * steps // ssl_cfg.steps),
                                        }).ssl
-    data = load_data(recipe, profile, size=max(ssl_cfg.global_size, kwargs["img_size"]))
+    # drawn at up to twice the global-crop size, so that crops keep detail (our assumption)
+    data = load_data(recipe, profile, size=min(max(64, 2 * ssl_cfg.global_size), max(64, profile.data.phantom_size)))
     result = train_ssl(model, np.asarray(data.images), ssl_cfg, out_dir=work_dir, seed=profile.seed, device=device,
                        progress=progress)
     info = {"steps": ssl_cfg.steps, "batch_size": ssl_cfg.batch_size, "images": len(data), "data": data.name,
@@ -214,7 +216,7 @@ def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str
     size = kwargs["img_size"]
     model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=0.1,
                               **kwargs)
-    data = load_data(recipe, profile, size=size)
+    data = load_data(recipe, profile, size=max(64, size))
     split = patient_split(data, fractions=(0.9, 0.1, 0.0), seed=profile.seed) if len(data) > 20 else None
     train = data.subset(split["train"]) if split else data
     val = data.subset(split["val"]) if split else None
