@@ -182,7 +182,7 @@ def train_classifier(model: Classifier, train: ImageSet, val: ImageSet | None, c
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            running += float(loss) * len(idx)
+            running += loss.item() * len(idx)
             step += 1
         row = {"epoch": epoch, "train_loss": running / len(train)}
         if val is not None:

@@ -56,8 +56,7 @@ RECIPES: dict[str, Recipe] = {r.family: r for r in (
            steps_fraction=0.34),
 )}
 BUILD_ORDER = ("ssl-natural", "sup-natural", "sup-cxr", "ssl-us", "ssl-knee")
-RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "models/build.py", "eval/finetune.py", "data/phantoms/__init__.py",
-                  "data/natural.py")
+RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "models/build.py", "eval/finetune.py")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -86,6 +85,7 @@ def recipe_hash(name: str, profile: str | Profile) -> str:
     """Hash of everything that shapes the weights: recipe, profile sections, arch and the recipe code."""
     family, suffix = split_name(name)
     p = get_profile(profile)
+    from ..data import natural, phantoms
     from .backbones import EMBEDDED_ARCHS
 
     payload = {
@@ -93,6 +93,7 @@ def recipe_hash(name: str, profile: str | Profile) -> str:
         "data": {"n_per_dataset": p.data.n_per_dataset, "n_natural": p.data.n_natural},
         "sup_epochs": p.backbone.sup_epochs, "seed": p.seed,
         "code": {src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES},
+        "data_generators": {"phantoms": phantoms.GENERATOR_VERSION, "natural": natural.GENERATOR_VERSION},
     }
     if RECIPES[family].init:
         payload["init"] = recipe_hash(f"{RECIPES[family].init}-{suffix}", p)
@@ -197,9 +198,11 @@ def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progr
     data = load_data(recipe, profile, size=min(max(64, 2 * ssl_cfg.global_size), max(64, profile.data.phantom_size)))
     result = train_ssl(model, np.asarray(data.images), ssl_cfg, out_dir=work_dir, seed=profile.seed, device=device,
                        progress=progress)
+    last = result.history.tail(max(1, len(result.history) // 10)).mean(numeric_only=True)
     info = {"steps": ssl_cfg.steps, "batch_size": ssl_cfg.batch_size, "images": len(data), "data": data.name,
-            "final_losses": {k: float(v) for k, v in result.history[-1].items() if isinstance(v, (int, float))}
-            if result.history else {}}
+            "images_per_s": round(float(result.images_per_s), 1), "collapse": result.collapse,
+            "final_metrics_mean_last_10pct": {k: round(float(v), 4) for k, v in last.items()},
+            "initialised_from": recipe.init and f"{recipe.init}-{suffix}"}
     return result.student, info
 
 
@@ -208,7 +211,7 @@ def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str
 
     from ..data.splits import patient_split
     from ..data.transforms import ClassificationTransform
-    from ..eval.finetune import Classifier, FinetuneConfig, train_classifier
+    from ..eval.finetune import Classifier, FinetuneConfig, macro_auroc, predict, train_classifier
     from .backbones import EMBEDDED_ARCHS
     from .heads import LinearHead
 
@@ -217,9 +220,8 @@ def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str
     model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=0.1,
                               **kwargs)
     data = load_data(recipe, profile, size=max(64, size))
-    split = patient_split(data, fractions=(0.9, 0.1, 0.0), seed=profile.seed) if len(data) > 20 else None
-    train = data.subset(split["train"]) if split else data
-    val = data.subset(split["val"]) if split else None
+    split = patient_split(data, fractions=(0.85, 0.1, 0.05), seed=profile.seed)
+    train, val, test = (data.subset(split[k]) for k in ("train", "val", "test"))
     clf = Classifier(model, LinearHead(model.num_features, data.n_classes))
     cfg = FinetuneConfig(epochs=profile.backbone.sup_epochs, batch_size=64, lr=1e-3, weight_decay=0.05,
                          select_on="val_loss", label_smoothing=0.1 if data.task == "multiclass" else 0.0)
@@ -227,8 +229,12 @@ def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str
                            transform_eval=ClassificationTransform(size, train=False), seed=profile.seed,
                            device=device, progress=progress)
     last = res.history.iloc[res.best_epoch].to_dict()
+    probs = predict(res.model, test, ClassificationTransform(size, train=False), device=device)
+    held_out = {"n_images": len(test), "macro_auroc": round(macro_auroc(test, probs), 4)}
+    if data.task == "multiclass":
+        held_out["accuracy"] = round(float((probs.argmax(1) == test.labels).mean()), 4)
     info = {"epochs": cfg.epochs, "images": len(train), "data": data.name, "selection": res.selection,
-            "best_epoch_metrics": {k: float(v) for k, v in last.items()}}
+            "best_epoch_metrics": {k: round(float(v), 4) for k, v in last.items()}, "held_out_test": held_out}
     return res.model.backbone, info
 
 
