@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: setup reproduce test test-fast bench lab sync backbones clean help
+.PHONY: setup reproduce test test-fast bench lab sync notebooks backbones clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml
 reproduce: setup
 	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL)
 
+# nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
+NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports
+
 test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup tests
-	$(PY) -m pytest --nbval-lax -p no:xdist notebooks
+	$(NBVAL_ENV) $(PY) -m pytest --nbval-lax -p no:xdist --nbval-kernel-name $(KERNEL) notebooks
 
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow" tests
@@ -44,6 +47,10 @@ lab: setup
 
 sync: setup
 	$(VENV)/bin/jupytext --sync $(NOTEBOOKS)
+
+# re-execute the committed notebooks/*.ipynb on the smoke profile (their outputs are what nbval replays)
+notebooks: setup
+	$(NBVAL_ENV) $(PY) -m medlib.reproduce --profile smoke --refresh-committed
 
 backbones: setup
 	$(PY) -m medlib.models build all --profile $(PROFILE)

@@ -108,6 +108,30 @@ def write_index(profile: str, runs: list[NotebookRun]) -> Path:
     return index
 
 
+def refresh_committed(py_path: Path, profile: str = "smoke", kernel: str = "medlib", timeout: int = 1800) -> Path:
+    """Execute a notebook's ``.py`` on ``profile`` and write the paired ``.ipynb`` with its outputs (for nbval)."""
+    import os
+
+    import jupytext
+    from nbclient import NotebookClient
+
+    nb = jupytext.read(py_path)
+    nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
+    old = os.environ.get("MEDLIB_PROFILE")
+    os.environ["MEDLIB_PROFILE"] = profile
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                       resources={"metadata": {"path": str(py_path.parent)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("MEDLIB_PROFILE", None)
+        else:
+            os.environ["MEDLIB_PROFILE"] = old
+    out = py_path.with_suffix(".ipynb")
+    jupytext.write(nb, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: ``python -m medlib.reproduce --profile tiny``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="medlib", help="Jupyter kernel name (make setup registers 'medlib')")
     parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 01")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    parser.add_argument("--refresh-committed", action="store_true",
+                        help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
     args = parser.parse_args(argv)
+    if args.refresh_committed:
+        for path in discover_notebooks(only=args.only):
+            print(f"[refresh] {path.stem} on {args.profile} -> {refresh_committed(path, args.profile, args.kernel)}")
+        return 0
     runs = reproduce(args.profile, args.kernel, args.only, args.keep_going)
     failed = [r for r in runs if r.status != "ok"]
     for r in failed:

@@ -24,7 +24,9 @@
 # and do the "sites" differ the way real hospitals differ (exposure, prevalence, label sets)?
 
 # %% tags=["parameters"]
-profile = "tiny"
+import os
+
+profile = os.environ.get("MEDLIB_PROFILE", "tiny")  # papermill / `make reproduce PROFILE=...` set this
 
 # %%
 import numpy as np
