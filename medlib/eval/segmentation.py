@@ -1,0 +1,702 @@
+"""Segmentation evaluation of seed 002: Dice loss, Dice / Jaccard metrics, training with Dice-based selection.
+
+Models (:func:`frozen_linear`, :func:`frozen_unet`, :func:`scratch_unet`) come from
+:mod:`medlib.models.heads`; this module trains and scores them.
+
+Conventions (each one a choice, stated once here):
+
+- Label maps: 0 = background, k = ``mask_names[k - 1]``; a model has ``len(mask_names) + 1`` classes.
+- Loss (:func:`soft_dice_loss`): softmax probabilities against one-hot targets, the Dice of each class
+  *pooled over the whole batch* (sums over images and pixels, then one ratio per class, as MONAI's
+  ``batch=True``), smoothed by ``smooth`` in numerator and denominator, and averaged over the
+  foreground classes (background excluded by default, as the metric; ``exclude_background=False``
+  includes it). Pooling keeps classes absent from one image (CT organs) from giving 0/0 terms.
+- Metrics (:func:`dice_jaccard`): from hard label maps. A class empty in both prediction and truth has
+  no Dice (NaN) and is *left out* of the macro mean; a class predicted but absent, or present but
+  missed, scores 0. Macro = mean over the scored classes (background excluded by default, as the
+  paper); ``mean_dj`` = (macro Dice + macro Jaccard) / 2, the quantity in the paper's figures.
+  :func:`evaluate_segmenter` scores each image at the data set's own resolution (logits resized
+  bilinearly) and data-set values are means over images (:func:`summarize`).
+- Selection (:func:`train_segmenter`): the epoch with the best mean validation Dice is restored at
+  the end. Never AUROC (seed 002's segmentation default, defect B4) and never the test set (B5).
+- Optimisation: SGD (momentum 0.9) or AdamW, cosine decay of the learning rate to 0 per step, no
+  warm-up (seed 002: SGD + cosine, lr grid 1e-4 .. 1e-1, :func:`lr_grid`).
+- Frozen backbones (no trainable backbone parameter: :func:`frozen_linear`, :func:`frozen_unet`): the
+  backbone runs in eval mode under ``no_grad`` and only the head trains. Without augmentation its
+  block grids do not change between epochs, so they are computed once per data set and reused by
+  every epoch (and, inside :func:`lr_grid` and :func:`segmentation_few_shot`, by every run on the
+  same backbone) unless they would exceed ``cache_limit_gb``. A backbone with trainable parameters
+  (LoRA, BitFit, full fine-tuning) runs with gradients in train mode every step.
+- Augmentation (``augment=True``): RandomResizedCrop(scale 0.75..1), jointly on image and mask, and
+  *no* horizontal flip: left / right organs (lungs, kidneys) are labelled by side.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import autocast_dtype, resolve_device, seed_everything
+from ..data.imageset import ImageSet
+from ..data.splits import evenly_spaced_indices
+from ..data.transforms import SegmentationTransform
+from ..engine import derive_seed, progress
+from ..models.adapters import freeze
+from ..models.backbones import Backbone
+from ..models.heads import LinearSegHead, SegmentationModel, UNet, UNetDecoder
+
+OPTIMIZERS = ("sgd", "adamw")
+#: Seed 002's learning-rate grid for the segmentation heads (1e-4 .. 1e-1).
+LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+FEW_SHOT_NS = (1, 2, 4, 8, 16, "all")
+
+# --------------------------------------------------------------------------- metrics and loss
+
+
+@dataclass(frozen=True)
+class SegScores:
+    """Dice and Jaccard per scored class (NaN: empty in prediction and truth) and their macro means."""
+
+    classes: tuple[int, ...]
+    dice: np.ndarray
+    jaccard: np.ndarray
+    macro_dice: float
+    macro_jaccard: float
+    mean_dj: float
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the non-NaN values; NaN (without a warning) when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else float("nan")
+
+
+def _label_array(labels: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """Integer label map as a numpy array; TypeError for float / bool inputs."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    array = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer label map (0 = background), got dtype {array.dtype}; "
+                        "turn logits into labels with argmax over the class axis first.")
+    return array
+
+
+def _check_n_classes(n_classes: int, exclude_background: bool, where: str) -> None:
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(f"{where}: n_classes must be a positive int (background + foreground classes), "
+                         f"got {n_classes!r}.")
+    if exclude_background and n_classes < 2:
+        raise ValueError(f"{where}: n_classes={n_classes} leaves no foreground class once the background is "
+                         "excluded; pass n_classes = len(mask_names) + 1.")
+
+
+def dice_jaccard(pred_labels: np.ndarray | torch.Tensor, true_labels: np.ndarray | torch.Tensor, n_classes: int,
+                 exclude_background: bool = True) -> SegScores:
+    """Per-class and macro Dice / Jaccard of two label maps of the same shape (all pixels pooled)."""
+    pred = _label_array(pred_labels, "pred_labels")
+    true = _label_array(true_labels, "true_labels")
+    _check_n_classes(n_classes, exclude_background, "dice_jaccard")
+    if pred.shape != true.shape:
+        raise ValueError(f"dice_jaccard: pred_labels has shape {pred.shape} but true_labels {true.shape}; "
+                         "resize the prediction to the mask (nearest neighbour) before scoring.")
+    for name, array in (("pred_labels", pred), ("true_labels", true)):
+        if array.size and (array.min() < 0 or array.max() >= n_classes):
+            raise ValueError(f"dice_jaccard: {name} holds labels {int(array.min())}..{int(array.max())}, outside "
+                             f"0..{n_classes - 1} (n_classes={n_classes}); is n_classes = len(mask_names) + 1?")
+    counts = np.bincount(true.ravel().astype(np.int64) * n_classes + pred.ravel(),
+                         minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(counts).astype(np.float64)
+    fp = counts.sum(axis=0) - tp
+    fn = counts.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        jaccard = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
+    start = 1 if exclude_background else 0
+    dice, jaccard = dice[start:], jaccard[start:]
+    macro_dice, macro_jaccard = _nanmean(dice), _nanmean(jaccard)
+    return SegScores(classes=tuple(range(start, n_classes)), dice=dice, jaccard=jaccard, macro_dice=macro_dice,
+                     macro_jaccard=macro_jaccard, mean_dj=(macro_dice + macro_jaccard) / 2)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, exclude_background: bool = True,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice of softmax(logits) (B, C, H, W) against label maps (B, H, W), pooled over the batch."""
+    if logits.ndim != 4:
+        raise ValueError(f"soft_dice_loss: logits must be (B, C, H, W), got shape {tuple(logits.shape)}.")
+    n_classes = logits.shape[1]
+    _check_n_classes(n_classes, exclude_background, "soft_dice_loss")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"soft_dice_loss: target has shape {tuple(target.shape)} but the logits need {expected} "
+                         "(one label map per image at the logits' size).")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"soft_dice_loss: target must be an integer label map, got {target.dtype}.")
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(f"soft_dice_loss: target holds labels {low}..{high} but the logits have {n_classes} "
+                         f"classes (0..{n_classes - 1}); build the model with n_classes = len(mask_names) + 1.")
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(target.long(), n_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    total = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * intersection + smooth) / (total + smooth)
+    return 1 - (dice[1:] if exclude_background else dice).mean()
+
+
+class DiceLoss(nn.Module):
+    """:func:`soft_dice_loss` as a module (seed 002's segmentation loss)."""
+
+    def __init__(self, exclude_background: bool = True, smooth: float = 1e-5) -> None:
+        super().__init__()
+        self.exclude_background = exclude_background
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch."""
+        return soft_dice_loss(logits, target, self.exclude_background, self.smooth)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def grid_channels(backbone: Backbone, n: int) -> list[int]:
+    """Channels of the last ``n`` grids of ``backbone.features`` (D each for a ViT, per stage for a CNN)."""
+    if not 1 <= n <= backbone.depth:
+        raise ValueError(f"Backbone {backbone.name!r} has {backbone.depth} blocks/stages; cannot read the last {n}.")
+    if backbone.kind == "vit":
+        return [backbone.embed_dim] * n
+    return [int(info["num_chs"]) for info in backbone.model.feature_info][-n:]
+
+
+def frozen_linear(backbone: Backbone, n_classes: int) -> SegmentationModel:
+    """Seed 002's linear head (1x1 conv on the last block's grid, bilinear upsampling) on a frozen backbone."""
+    _check_n_classes(n_classes, True, "frozen_linear")
+    freeze(backbone).eval()
+    return SegmentationModel(backbone, LinearSegHead(grid_channels(backbone, 1)[0], int(n_classes)))
+
+
+def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | None = None) -> SegmentationModel:
+    """Seed 002's U-Net-style decoder on the last 5 blocks of a frozen backbone."""
+    _check_n_classes(n_classes, True, "frozen_unet")
+    need = UNetDecoder.n_grids
+    if backbone.depth < need:
+        raise ValueError(f"frozen_unet: backbone {backbone.name!r} has {backbone.depth} blocks but the U-Net "
+                         f"decoder reads the last {need}; use frozen_linear, or a deeper backbone "
+                         "(e.g. 'random-vit-tiny', 6 blocks).")
+    chans = grid_channels(backbone, need)
+    in_channels: int | list[int] = chans[0] if backbone.kind == "vit" else chans
+    freeze(backbone).eval()
+    return SegmentationModel(backbone, UNetDecoder(in_channels, int(n_classes), channels=channels))
+
+
+def scratch_unet(n_classes: int, base: int = 16, depth: int = 4) -> UNet:
+    """The plain U-Net baseline trained from scratch (width ``base``, ``depth`` poolings)."""
+    _check_n_classes(n_classes, True, "scratch_unet")
+    return UNet(int(n_classes), in_ch=3, base=base, depth=depth)
+
+
+def model_classes(model: nn.Module) -> int:
+    """Number of output classes of a segmentation model (its final 1x1 conv)."""
+    module = model.head if isinstance(model, SegmentationModel) else model
+    for name in ("classifier", "conv"):
+        layer = getattr(module, name, None)
+        if isinstance(layer, nn.Conv2d):
+            return int(layer.out_channels)
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer giving class logits; pass a segmentation "
+                         "model (frozen_linear, frozen_unet or scratch_unet).")
+    return int(convs[-1].out_channels)
+
+
+def is_frozen(model: nn.Module) -> bool:
+    """True for a SegmentationModel whose backbone has no trainable parameter (only the head learns)."""
+    return isinstance(model, SegmentationModel) and not any(p.requires_grad for p in model.backbone.parameters())
+
+
+# --------------------------------------------------------------------------- checks and batches
+
+
+def _check_seg_set(ds: ImageSet, n_classes: int, role: str) -> None:
+    """Raise a clear error when ``ds`` cannot train / score a model with ``n_classes`` outputs."""
+    where = f"{role} set {ds.name!r}"
+    if ds.masks is None:
+        raise ValueError(f"{where} has no masks; segmentation needs an ImageSet with label maps in .masks.")
+    if ds.masks.shape != ds.images.shape[:3]:
+        raise ValueError(f"{where}: masks {ds.masks.shape} do not match images {ds.images.shape[:3]}; each mask "
+                         "must be an (H, W) label map the size of its image.")
+    if ds.mask_names and len(ds.mask_names) + 1 != n_classes:
+        raise ValueError(f"{where} has {len(ds.mask_names)} mask classes {ds.mask_names} + background, but the "
+                         f"model outputs {n_classes} classes; build it with n_classes={len(ds.mask_names) + 1}.")
+    high = int(np.max(ds.masks))
+    if high >= n_classes:
+        row = int(np.argmax(np.asarray(ds.masks).reshape(len(ds), -1).max(axis=1) >= n_classes))
+        raise ValueError(f"{where}: row {row} holds label {high} but the model outputs {n_classes} classes "
+                         f"(0..{n_classes - 1}); build it with n_classes={high + 1} or fix the masks.")
+
+
+def _check_image_size(model: nn.Module, image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8 (the side in pixels the model sees), got {image_size!r}.")
+    if isinstance(model, SegmentationModel) and model.backbone.kind == "vit":
+        patch = model.backbone.patch_size
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} is not a multiple of backbone {model.backbone.name!r}'s patch "
+                             f"size {patch}; use {patch * max(1, round(image_size / patch))}.")
+
+
+def _stack(ds: ImageSet, rows: np.ndarray, transform: SegmentationTransform,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transformed images (B, 3, S, S) and label maps (B, S, S) of ``rows`` (an all-zero mask if ds has none)."""
+    images, masks = [], []
+    blank = np.zeros(ds.images.shape[1:3], dtype=np.uint8)
+    for row in rows:
+        mask = np.asarray(ds.masks[row]) if ds.masks is not None else blank
+        image, label_map = transform(np.asarray(ds.images[row]), mask, generator=generator)
+        images.append(image)
+        masks.append(label_map)
+    return torch.stack(images), torch.stack(masks)
+
+
+def _batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of ``rows`` (shuffled with ``rng``); a trailing batch of one joins the previous (BatchNorm)."""
+    order = rng.permutation(rows) if rng is not None else np.asarray(rows)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+    return batches
+
+
+def _autocast(device: str):
+    dtype = autocast_dtype(device)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
+
+# --------------------------------------------------------------------------- frozen-feature cache
+
+
+@dataclass
+class _Cached:
+    """A data set's frozen-backbone grids (CPU, float32) and its label maps at the model's input size."""
+
+    grids: list[torch.Tensor]
+    masks: torch.Tensor
+
+
+def _param_versions(module: nn.Module) -> tuple[int, ...]:
+    """In-place modification counters of every parameter (they change if the weights are touched)."""
+    return tuple(p._version for p in module.parameters())
+
+
+class _FeatureStore:
+    """Grids of one frozen backbone for whole data sets at one input size, computed once and reused."""
+
+    def __init__(self, model: SegmentationModel, image_size: int, device: str, batch_size: int,
+                 limit_bytes: float) -> None:
+        self.backbone = model.backbone
+        self.n_grids = int(model.head.n_grids)
+        self.image_size = int(image_size)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.limit_bytes = float(limit_bytes)
+        self.versions = _param_versions(self.backbone)
+        self._items: dict[int, tuple[ImageSet, _Cached | None]] = {}
+
+    def matches(self, model: nn.Module, image_size: int) -> bool:
+        """Whether the cached grids are valid for ``model`` (same backbone object, untouched weights) and size."""
+        return (isinstance(model, SegmentationModel) and model.backbone is self.backbone
+                and int(model.head.n_grids) == self.n_grids and int(image_size) == self.image_size
+                and _param_versions(model.backbone) == self.versions)
+
+    def get(self, ds: ImageSet) -> _Cached | None:
+        """The cached grids of ``ds`` (computed on first use); None when they would exceed the memory limit."""
+        key = id(ds)
+        if key not in self._items:  # the ImageSet is kept alive with its entry, so its id is not reused
+            self._items[key] = (ds, self._compute(ds))
+        return self._items[key][1]
+
+    @torch.no_grad()
+    def _compute(self, ds: ImageSet) -> _Cached | None:
+        transform = SegmentationTransform(self.image_size, train=False)
+        self.backbone.eval().to(self.device)
+        parts: list[list[torch.Tensor]] = []
+        masks = []
+        for rows in _batches(np.arange(len(ds)), self.batch_size, None):
+            x, y = _stack(ds, rows, transform)
+            with _autocast(self.device):
+                grids = self.backbone.features(x.to(self.device), n_last=self.n_grids)["grids"]
+            parts.append([g.float().cpu() for g in grids])
+            masks.append(y)
+            if len(parts) == 1:
+                per_image = sum(g.numel() * 4 for g in parts[0]) / len(rows)
+                if per_image * len(ds) > self.limit_bytes:
+                    return None
+        return _Cached([torch.cat([p[i] for p in parts]) for i in range(self.n_grids)], torch.cat(masks))
+
+
+# --------------------------------------------------------------------------- forward passes
+
+
+def _train_logits(model: nn.Module, frozen: bool, ds: ImageSet, rows: np.ndarray, cached: _Cached | None,
+                  transform: SegmentationTransform, generator: torch.Generator, device: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the input size and target label maps of one training batch."""
+    if cached is not None:
+        grids = [g[rows].to(device) for g in cached.grids]
+        target = cached.masks[rows].to(device)
+        with _autocast(device):
+            return model.head(grids, out_size=tuple(target.shape[-2:])).float(), target
+    x, target = _stack(ds, rows, transform, generator)
+    x, target = x.to(device), target.to(device)
+    with _autocast(device):
+        if frozen:
+            with torch.no_grad():
+                grids = model.backbone.features(x, n_last=model.head.n_grids)["grids"]
+            logits = model.head(grids, out_size=tuple(x.shape[-2:]))
+        else:
+            logits = model(x)
+    return logits.float(), target
+
+
+@torch.no_grad()
+def _native_logits(model: nn.Module, ds: ImageSet, image_size: int, device: str, batch_size: int,
+                   store: _FeatureStore | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(rows, logits at the data set's own resolution) for every batch of ``ds``; the model in eval mode."""
+    model.eval().to(device)
+    frozen = is_frozen(model)
+    cached = store.get(ds) if store is not None and frozen and store.matches(model, image_size) else None
+    native = tuple(ds.images.shape[1:3])
+    transform = SegmentationTransform(image_size, train=False)
+    for rows in _batches(np.arange(len(ds)), batch_size, None):
+        with _autocast(device):
+            if cached is not None:
+                logits = model.head([g[rows].to(device) for g in cached.grids], out_size=native)
+            else:
+                x = _stack(ds, rows, transform)[0].to(device)
+                if frozen:
+                    logits = model.head(model.backbone.features(x, n_last=model.head.n_grids)["grids"], out_size=native)
+                else:
+                    logits = model(x)
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != native:
+            logits = F.interpolate(logits, size=native, mode="bilinear", align_corners=False)
+        yield rows, logits
+
+
+def predict_masks(model: nn.Module, ds: ImageSet, image_size: int, device: str = "auto",
+                  batch_size: int = 16) -> np.ndarray:
+    """Predicted label maps (N, H, W) uint8 at the data set's own resolution (argmax of resized logits)."""
+    _check_image_size(model, image_size)
+    device = resolve_device(device)
+    out = np.zeros(ds.images.shape[:3], dtype=np.uint8)
+    for rows, logits in _native_logits(model, ds, image_size, device, batch_size):
+        out[rows] = logits.argmax(dim=1).cpu().numpy().astype(np.uint8)
+    return out
+
+
+def _class_names(ds: ImageSet, n_classes: int) -> list[str]:
+    names = ["background", *ds.mask_names]
+    return names if len(names) == n_classes else ["background"] + [f"class_{k}" for k in range(1, n_classes)]
+
+
+def _score_images(model: nn.Module, ds: ImageSet, image_size: int, device: str, batch_size: int,
+                  exclude_background: bool, store: _FeatureStore | None, check: bool = True
+                  ) -> tuple[pd.DataFrame, float]:
+    """Per-image metrics of ``ds`` and the mean Dice loss over batches (``check``: validate ds and size first)."""
+    n_classes = model_classes(model)
+    if check:
+        _check_seg_set(ds, n_classes, "evaluation")
+        _check_image_size(model, image_size)
+    names = _class_names(ds, n_classes)
+    records, loss_sum = [], 0.0
+    for rows, logits in _native_logits(model, ds, image_size, device, batch_size, store):
+        target = torch.as_tensor(np.asarray(ds.masks[rows]), dtype=torch.long, device=logits.device)
+        loss_sum += float(soft_dice_loss(logits, target, exclude_background)) * len(rows)
+        preds = logits.argmax(dim=1).cpu().numpy()
+        for i, row in enumerate(rows):
+            scores = dice_jaccard(preds[i], np.asarray(ds.masks[row]), n_classes, exclude_background)
+            record: dict[str, Any] = {"row": int(row), "patient_id": str(ds.patient_ids[row])}
+            for k, dice, jac in zip(scores.classes, scores.dice, scores.jaccard):
+                record[f"dice_{names[k]}"] = dice
+                record[f"jaccard_{names[k]}"] = jac
+            record.update(dice=scores.macro_dice, jaccard=scores.macro_jaccard, mean_dj=scores.mean_dj)
+            records.append(record)
+    return pd.DataFrame.from_records(records), loss_sum / len(ds)
+
+
+def evaluate_segmenter(model: nn.Module, ds: ImageSet, image_size: int, device: str = "auto",
+                       batch_size: int = 16, exclude_background: bool = True) -> pd.DataFrame:
+    """Per-image Dice / Jaccard per class and macro (columns dice, jaccard, mean_dj) at native resolution."""
+    return _score_images(model, ds, image_size, resolve_device(device), batch_size, exclude_background, None)[0]
+
+
+def summarize(per_image: pd.DataFrame) -> pd.Series:
+    """Data-set metrics: the mean over images of every metric column of :func:`evaluate_segmenter` (NaN skipped)."""
+    columns = [c for c in per_image.columns if c.startswith(("dice", "jaccard", "mean_dj"))]
+    if not columns:
+        raise ValueError("summarize: no dice / jaccard columns; pass the DataFrame of evaluate_segmenter.")
+    return per_image[columns].mean(skipna=True)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    """Settings of one segmentation training run (see :func:`train_segmenter`)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    image_size: int
+    device: str = "auto"
+    seed: int = 0
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = False
+    exclude_background: bool = True
+    cache_features: bool | None = None
+    cache_limit_gb: float = 2.0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}.")
+        if self.cache_features and self.augment:
+            raise ValueError("cache_features=True needs augment=False: augmented images give new features every "
+                             "epoch, so there is nothing to cache.")
+
+
+@dataclass
+class SegResult:
+    """The trained model (best-validation-Dice epoch restored), per-epoch history and the selection made."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_dice: float
+    selection: str
+    wall_time_s: float
+    seconds_per_epoch: float
+    frozen: bool
+    cached_features: bool
+
+
+def _make_optimizer(cfg: SegTrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a module's state (parameters and buffers such as BatchNorm statistics)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _validate(model: nn.Module, val: ImageSet, cfg: SegTrainConfig, device: str,
+              store: _FeatureStore | None) -> dict[str, float]:
+    """Validation Dice loss and mean-over-images macro Dice / Jaccard / their average."""
+    per_image, loss = _score_images(model, val, cfg.image_size, device, cfg.batch_size, cfg.exclude_background, store,
+                                    check=False)  # checked once before training
+    return {"val_loss": loss, "val_dice": _nanmean(per_image["dice"]), "val_jaccard": _nanmean(per_image["jaccard"]),
+            "val_mean_dj": _nanmean(per_image["mean_dj"])}
+
+
+def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg: SegTrainConfig,
+         store: _FeatureStore | None = None) -> tuple[SegResult, _FeatureStore | None]:
+    """Train on ``train[rows]``, select the epoch by validation Dice, restore it; reuse / return the feature store."""
+    start = time.perf_counter()
+    if val is None:
+        raise ValueError("train_segmenter needs a validation set to select the epoch (the test set is never used "
+                         "for selection); carve one with medlib.data.splits.patient_split.")
+    device = resolve_device(cfg.device)
+    n_classes = model_classes(model)
+    _check_seg_set(train, n_classes, "train")
+    _check_seg_set(val, n_classes, "val")
+    _check_image_size(model, cfg.image_size)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0 or rows.min() < 0 or rows.max() >= len(train):
+        raise ValueError(f"training rows must be a non-empty selection of 0..{len(train) - 1}.")
+    frozen = is_frozen(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter; nothing to train.")
+    model.to(device)
+    if frozen and (store is None or not store.matches(model, cfg.image_size)):
+        store = _FeatureStore(model, cfg.image_size, device, cfg.batch_size, cfg.cache_limit_gb * 1024 ** 3)
+    use_store = store if frozen and cfg.cache_features is not False else None
+    cached = use_store.get(train) if use_store is not None and not cfg.augment else None
+    if cfg.cache_features and cached is None:
+        raise ValueError(f"cache_features=True but the grids of {train.name!r} exceed cache_limit_gb="
+                         f"{cfg.cache_limit_gb} (or the backbone is trainable); raise the limit or pass None.")
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    transform = SegmentationTransform(cfg.image_size, train=cfg.augment, hflip=False)
+    optimizer = _make_optimizer(cfg, params)
+    total_steps = cfg.epochs * len(_batches(rows, cfg.batch_size, None))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    trained = model.head if frozen else model
+    history, best_state, best_epoch, best_dice = [], None, 0, -math.inf
+    for epoch in progress(range(cfg.epochs), enabled=cfg.progress, desc="segmentation", leave=False):
+        t0 = time.perf_counter()
+        model.train()
+        if frozen:
+            model.backbone.eval()
+        lr_now, running = optimizer.param_groups[0]["lr"], 0.0
+        for batch in _batches(rows, cfg.batch_size, rng):
+            logits, target = _train_logits(model, frozen, train, batch, cached, transform, generator, device)
+            loss = soft_dice_loss(logits, target, cfg.exclude_background)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(batch)
+        row = {"epoch": epoch, "lr": lr_now, "train_loss": running / len(rows),
+               **_validate(model, val, cfg, device, use_store)}
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        score = row["val_dice"] if not math.isnan(row["val_dice"]) else -math.inf
+        if best_state is None or score > best_dice:
+            best_dice, best_epoch, best_state = score, epoch, _snapshot(trained)
+    trained.load_state_dict(best_state)
+    frame = pd.DataFrame(history)
+    result = SegResult(
+        model=model.eval(), history=frame, best_epoch=best_epoch,
+        best_val_dice=float(frame["val_dice"].iloc[best_epoch]),
+        selection=f"epoch {best_epoch} of {cfg.epochs} by mean validation Dice (restored)",
+        wall_time_s=time.perf_counter() - start, seconds_per_epoch=float(frame["seconds"].mean()),
+        frozen=frozen, cached_features=cached is not None)
+    return result, store
+
+
+def train_segmenter(model: nn.Module, train: ImageSet, val: ImageSet, *, epochs: int, lr: float, batch_size: int,
+                    image_size: int, device: str = "auto", seed: int = 0, optimizer: str = "sgd",
+                    progress: bool = False, **options: Any) -> SegResult:
+    """Train with the Dice loss (SGD / AdamW + cosine), keep the epoch with the best validation Dice.
+
+    ``options`` are the other :class:`SegTrainConfig` fields: momentum, weight_decay, augment,
+    exclude_background, cache_features (None = cache frozen grids when they fit), cache_limit_gb.
+    The history has one row per epoch: lr, train_loss, val_loss, val_dice, val_jaccard,
+    val_mean_dj and seconds (training plus validation).
+    """
+    cfg = _config(options, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size, device=device,
+                  seed=seed, optimizer=optimizer, progress=progress)
+    return _fit(model, train, np.arange(len(train)), val, cfg)[0]
+
+
+def _config(train_kwargs: dict[str, Any], **fixed: Any) -> SegTrainConfig:
+    """A SegTrainConfig from keyword arguments, naming the accepted ones when a name is wrong."""
+    try:
+        return SegTrainConfig(**{**train_kwargs, **fixed})
+    except TypeError as err:
+        accepted = ", ".join(f.name for f in SegTrainConfig.__dataclass_fields__.values())
+        raise TypeError(f"{err}; training options are: {accepted}.") from err
+
+
+def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageSet,
+            lrs: Sequence[float] = LR_GRID, *, seed: int = 0, **train_kwargs: Any) -> tuple[SegResult, pd.DataFrame]:
+    """Train a fresh model per learning rate (same seed) and keep the one with the best validation Dice.
+
+    ``train_kwargs`` are :func:`train_segmenter`'s (epochs, batch_size, image_size, optimizer, ...).
+    Frozen-backbone grids are computed once for the whole grid when the factory reuses one backbone.
+    Returns the best run and a table (lr, best_val_dice, best_epoch, seconds_per_epoch).
+    """
+    if len(lrs) == 0:
+        raise ValueError("lr_grid needs at least one learning rate.")
+    store, best, best_lr, rows = None, None, None, []
+    for lr in lrs:
+        cfg = _config(train_kwargs, lr=float(lr), seed=seed)
+        seed_everything(seed)
+        result, store = _fit(model_factory(), train, np.arange(len(train)), val, cfg, store)
+        rows.append({"lr": float(lr), "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                     "seconds_per_epoch": result.seconds_per_epoch})
+        score = result.best_val_dice if not math.isnan(result.best_val_dice) else -math.inf
+        if best is None or score > best[0]:
+            best, best_lr = (score, result), float(lr)
+    table = pd.DataFrame(rows)
+    table["selected"] = table["lr"] == best_lr
+    return best[1], table
+
+
+def _few_shot_rows(n_train: int, n: int | str, repeat: int, seed: int, sampling: str) -> np.ndarray:
+    """Row indices into the training set for one (n, repeat): random or evenly spaced images."""
+    if n == "all":
+        return np.arange(n_train)
+    if sampling == "evenly_spaced":
+        return evenly_spaced_indices(np.arange(n_train), int(n))
+    rng = np.random.default_rng(derive_seed(seed, int(n), repeat))
+    return np.sort(rng.choice(n_train, size=int(n), replace=False))
+
+
+def _check_ns(ns: Sequence[int | str], n_train: int) -> None:
+    for n in ns:
+        if n == "all":
+            continue
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"few-shot sizes must be positive ints or 'all', got {n!r}.")
+        if n > n_train:
+            raise ValueError(f"few-shot size n={n} exceeds the {n_train} training images; few-shot images are drawn "
+                             "from the training split only (never val or test).")
+
+
+def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageSet, test: ImageSet,
+                          ns: Sequence[int | str] = FEW_SHOT_NS, repeats: int = 3, seed: int = 0, *,
+                          model_name: str = "model", sampling: str = "random",
+                          **train_kwargs: Any) -> pd.DataFrame:
+    """Test Dice / Jaccard when training on n images drawn from ``train`` only, ``repeats`` seeded draws each.
+
+    ``sampling="random"``: each (n, repeat) draws its own n images; ``"evenly_spaced"``: seed 002's
+    single deterministic draw (repeats then differ only in initialisation). Model initialisation
+    and batch order depend on (seed, repeat) only, so curves over n are paired. The epoch is
+    selected on the whole ``val`` set, which is never merged into training (defect B2). Returns a
+    long table: model, n, n_images, repeat, dice, jaccard, mean_dj (test means over images),
+    val_dice, best_epoch.
+    """
+    if sampling not in ("random", "evenly_spaced"):
+        raise ValueError(f"sampling must be 'random' or 'evenly_spaced', got {sampling!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}.")
+    _check_ns(ns, len(train))
+    base = _config(train_kwargs, seed=seed)
+    device = resolve_device(base.device)
+    store, records = None, []
+    for n in ns:
+        for repeat in range(repeats):
+            rows = _few_shot_rows(len(train), n, repeat, seed, sampling)
+            run_seed = derive_seed(seed, repeat)
+            seed_everything(run_seed)
+            result, store = _fit(model_factory(), train, rows, val, replace(base, seed=run_seed), store)
+            per_image, _ = _score_images(result.model, test, base.image_size, device, base.batch_size,
+                                         base.exclude_background, store)
+            records.append({"model": model_name, "n": n, "n_images": int(len(rows)), "repeat": repeat,
+                            "dice": _nanmean(per_image["dice"]), "jaccard": _nanmean(per_image["jaccard"]),
+                            "mean_dj": _nanmean(per_image["mean_dj"]), "val_dice": result.best_val_dice,
+                            "best_epoch": result.best_epoch})
+    return pd.DataFrame.from_records(records)
+
+
+__all__ = [
+    "DiceLoss", "FEW_SHOT_NS", "LR_GRID", "OPTIMIZERS", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
+    "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "lr_grid", "model_classes",
+    "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",
+]

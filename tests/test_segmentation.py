@@ -1,0 +1,301 @@
+"""Seed 002 segmentation: Dice / Jaccard known values, Dice loss, training that learns, Dice selection, few-shot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score, jaccard_score
+
+from medlib.data import ImageSet
+from medlib.data.phantoms import make_dataset
+from medlib.data.splits import patient_split
+from medlib.eval import segmentation as seg
+from medlib.eval.segmentation import (dice_jaccard, evaluate_segmenter, frozen_linear, frozen_unet, lr_grid,
+                                      model_classes, predict_masks, scratch_unet, segmentation_few_shot,
+                                      soft_dice_loss, summarize, train_segmenter)
+from medlib.models.backbones import create_backbone
+
+
+@pytest.fixture(scope="module")
+def cxr() -> tuple[ImageSet, ImageSet]:
+    """48 chest phantoms at 64 px (masks: left lung, right lung, heart): 32 train, 16 val."""
+    ds = make_dataset("cxr", 48, size=64)
+    return ds.subset(np.arange(32), name="cxr-train"), ds.subset(np.arange(32, 48), name="cxr-val")
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[ImageSet, ImageSet]:
+    """12 chest phantoms at 64 px for runs whose learning is not the point: 8 train, 4 val."""
+    ds = make_dataset("cxr", 12, size=64)
+    return ds.subset(np.arange(8)), ds.subset(np.arange(8, 12))
+
+
+def _tiny_unet() -> torch.nn.Module:
+    return scratch_unet(4, base=4, depth=2)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_dice_jaccard_known_values():
+    pred = np.array([[0, 1], [1, 1]])
+    true = np.array([[0, 1], [0, 1]])
+    # class 1: |P| = 3, |T| = 2, overlap 2 -> Dice 4/5, Jaccard 2/3; class 0: |P| = 1, |T| = 2, overlap 1.
+    fg = dice_jaccard(pred, true, n_classes=2)
+    assert fg.classes == (1,)
+    assert fg.dice == pytest.approx([0.8]) and fg.jaccard == pytest.approx([2 / 3])
+    assert fg.macro_dice == pytest.approx(0.8) and fg.mean_dj == pytest.approx((0.8 + 2 / 3) / 2)
+    both = dice_jaccard(torch.as_tensor(pred), torch.as_tensor(true), n_classes=2, exclude_background=False)
+    assert both.dice == pytest.approx([2 / 3, 0.8]) and both.jaccard == pytest.approx([0.5, 2 / 3])
+    assert both.macro_dice == pytest.approx((2 / 3 + 0.8) / 2)
+    assert both.macro_jaccard == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_dice_jaccard_empty_class_conventions():
+    true = np.array([[0, 1, 1, 0]])
+    # class 2 empty in both -> NaN and left out of the macro; class 3 predicted but absent -> 0.
+    scores = dice_jaccard(np.array([[0, 1, 1, 0]]), true, n_classes=4)
+    assert scores.dice[0] == 1.0 and math.isnan(scores.dice[1]) and math.isnan(scores.jaccard[1])
+    assert scores.macro_dice == 1.0
+    false_positive = dice_jaccard(np.array([[3, 1, 1, 0]]), true, n_classes=4)
+    assert false_positive.dice[2] == 0.0 and false_positive.macro_dice == pytest.approx(0.5)
+    missed = dice_jaccard(np.array([[0, 0, 0, 0]]), true, n_classes=4)
+    assert missed.dice[0] == 0.0 and missed.macro_dice == 0.0
+    nothing = dice_jaccard(np.zeros((3, 3), int), np.zeros((3, 3), int), n_classes=3)
+    assert math.isnan(nothing.macro_dice) and math.isnan(nothing.mean_dj)
+
+
+def test_dice_jaccard_matches_sklearn_on_random_maps():
+    rng = np.random.default_rng(0)
+    true, pred = rng.integers(0, 4, (5, 9, 9)), rng.integers(0, 4, (5, 9, 9))
+    scores = dice_jaccard(pred, true, n_classes=4)
+    labels = [1, 2, 3]
+    assert scores.dice == pytest.approx(f1_score(true.ravel(), pred.ravel(), labels=labels, average=None))
+    assert scores.jaccard == pytest.approx(jaccard_score(true.ravel(), pred.ravel(), labels=labels, average=None))
+
+
+def test_dice_jaccard_rejects_bad_input():
+    a = np.zeros((4, 4), int)
+    with pytest.raises(ValueError, match=r"shape \(4, 4\) but true_labels \(4, 5\)"):
+        dice_jaccard(a, np.zeros((4, 5), int), 2)
+    with pytest.raises(TypeError, match="integer label map.*argmax"):
+        dice_jaccard(a.astype(float), a, 2)
+    with pytest.raises(ValueError, match=r"true_labels holds labels 0..3, outside 0..2 \(n_classes=3\)"):
+        dice_jaccard(a, np.eye(4, dtype=int) * 3, 3)
+    with pytest.raises(ValueError, match="no foreground class"):
+        dice_jaccard(a, a, 1)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_soft_dice_loss_known_values():
+    logits = torch.zeros(1, 2, 2, 2)  # p = 0.5 everywhere
+    target = torch.tensor([[[0, 1], [0, 0]]])
+    # class 1: overlap 0.5, sum p + sum g = 2 + 1 -> Dice 1/3; class 0: overlap 1.5, 2 + 3 -> Dice 0.6.
+    assert soft_dice_loss(logits, target, smooth=0.0).item() == pytest.approx(2 / 3)
+    assert soft_dice_loss(logits, target, exclude_background=False, smooth=0.0).item() == pytest.approx(
+        1 - (0.6 + 1 / 3) / 2)
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("exclude_background", [True, False])
+def test_soft_dice_loss_gradient_sign(exclude_background):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=gen, requires_grad=True)
+    target = torch.randint(0, 4, (2, 6, 6), generator=gen)
+    loss = soft_dice_loss(logits, target, exclude_background)
+    loss.backward()
+    onehot = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).bool()
+    assert (logits.grad[onehot] < 0).all()  # raising the true class's logit always lowers the loss
+    with torch.no_grad():
+        assert soft_dice_loss(logits - 1.0 * logits.grad, target, exclude_background) < loss
+
+
+def test_soft_dice_loss_rejects_bad_input():
+    logits = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"target has shape \(2, 5, 5\) but the logits need \(2, 4, 4\)"):
+        soft_dice_loss(logits, torch.zeros(2, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels 3..3 but the logits have 3 classes \(0..2\)"):
+        soft_dice_loss(logits, torch.full((2, 4, 4), 3))
+    with pytest.raises(TypeError, match="integer label map"):
+        soft_dice_loss(logits, torch.zeros(2, 4, 4))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_model_builders():
+    smoke = create_backbone("random-vit-smoke")
+    linear = frozen_linear(smoke, 4)
+    assert model_classes(linear) == 4 and seg.is_frozen(linear)
+    assert linear.head.conv.in_channels == 48
+    with pytest.raises(ValueError, match="has 2 blocks but the U-Net decoder reads the last 5"):
+        frozen_unet(create_backbone("random-vit-smoke"), 4)
+    unet = frozen_unet(create_backbone("random-vit-tiny"), 8)
+    assert model_classes(unet) == 8 and seg.is_frozen(unet) and unet.head.n_grids == 5
+    assert model_classes(scratch_unet(3)) == 3 and not seg.is_frozen(scratch_unet(3))
+    with pytest.raises(ValueError, match="n_classes must be a positive int"):
+        scratch_unet(0)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_frozen_linear_head_learns_with_cached_features(cxr):
+    train, val = cxr
+    torch.manual_seed(0)
+    backbone = create_backbone("random-vit-smoke")
+    before_weights = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = frozen_linear(backbone, 4)
+    before = summarize(evaluate_segmenter(model, val, 64, "cpu"))["dice"]
+    result = train_segmenter(model, train, val, epochs=3, lr=0.1, batch_size=8, image_size=64, device="cpu")
+    hist = result.history
+    assert list(hist.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_jaccard",
+                                  "val_mean_dj", "seconds"]
+    assert result.frozen and result.cached_features
+    assert result.best_val_dice == hist["val_dice"].max() > before + 0.05
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert hist["lr"].iloc[0] == 0.1 and hist["lr"].is_monotonic_decreasing  # cosine
+    assert all(torch.equal(v, before_weights[k]) for k, v in backbone.state_dict().items())
+    restored = summarize(evaluate_segmenter(result.model, val, 64, "cpu"))["dice"]
+    assert restored == pytest.approx(result.best_val_dice, abs=1e-6)
+
+
+def test_scratch_unet_learns(cxr):
+    train, val = cxr
+    torch.manual_seed(0)
+    model = scratch_unet(4, base=8, depth=3)
+    before = summarize(evaluate_segmenter(model, val, 64, "cpu"))["dice"]
+    result = train_segmenter(model, train, val, epochs=3, lr=1e-2, batch_size=8, image_size=64, device="cpu",
+                             optimizer="adamw")
+    assert not result.frozen and not result.cached_features
+    assert result.best_val_dice > before + 0.1
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+
+
+def test_best_epoch_by_val_dice_is_really_restored(small, monkeypatch):
+    train, val = small
+    scripted = iter([0.2, 0.9, 0.1, float("nan")])
+    states = []
+
+    def fake_validate(model, val_set, cfg, device, store):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"val_loss": 0.5, "val_dice": next(scripted), "val_jaccard": 0.0, "val_mean_dj": 0.0}
+
+    monkeypatch.setattr(seg, "_validate", fake_validate)
+    torch.manual_seed(0)
+    result = train_segmenter(_tiny_unet(), train, val, epochs=4, lr=0.05, batch_size=4, image_size=32,
+                             device="cpu")
+    assert result.best_epoch == 1 and result.best_val_dice == 0.9
+    assert "validation Dice" in result.selection
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], states[1][k]) for k in final)
+    assert not all(torch.equal(final[k], states[3][k]) for k in final)  # the last epoch was not kept
+
+
+def test_training_is_deterministic(small):
+    train, val = small
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(train_segmenter(_tiny_unet(), train, val, epochs=1, lr=0.05, batch_size=4, image_size=32,
+                                    device="cpu", seed=3, augment=True).history)
+    pd.testing.assert_frame_equal(runs[0].drop(columns="seconds"), runs[1].drop(columns="seconds"))
+
+
+def test_lr_grid_picks_best_val_dice_and_computes_features_once(cxr, monkeypatch):
+    train, val = cxr
+    calls = []
+    original = seg._FeatureStore._compute
+
+    def counting(self, ds):
+        calls.append(ds.name)
+        return original(self, ds)
+
+    monkeypatch.setattr(seg._FeatureStore, "_compute", counting)
+    backbone = create_backbone("random-vit-smoke")
+    best, table = lr_grid(lambda: frozen_linear(backbone, 4), train, val, lrs=(1e-4, 1e-1), epochs=2,
+                          batch_size=16, image_size=64, device="cpu")
+    assert sorted(calls) == ["cxr-train", "cxr-val"]  # once per data set for the whole grid
+    assert table["lr"].tolist() == [1e-4, 1e-1]
+    assert table.loc[table["selected"], "lr"].item() == table.loc[table["best_val_dice"].idxmax(), "lr"]
+    assert best.best_val_dice == table["best_val_dice"].max()
+
+
+def test_few_shot_draws_only_from_train(monkeypatch):
+    ds = make_dataset("cxr", 40, size=64)
+    parts = patient_split(ds, (0.6, 0.2, 0.2), seed=0)
+    train, val, test = (ds.subset(parts[k], name=k) for k in ("train", "val", "test"))
+    seen = []
+    original = seg._fit
+
+    def recording(model, train_set, rows, val_set, cfg, store=None):
+        seen.append((train_set, np.array(rows), val_set))
+        return original(model, train_set, rows, val_set, cfg, store)
+
+    monkeypatch.setattr(seg, "_fit", recording)
+    kwargs = dict(ns=(1, 2, "all"), repeats=2, seed=5, epochs=1, lr=0.05, batch_size=4, image_size=32,
+                  device="cpu", model_name="unet")
+    table = segmentation_few_shot(_tiny_unet, train, val, test, **kwargs)
+    assert len(seen) == 6
+    held_out = set(val.patient_ids) | set(test.patient_ids)
+    for (train_set, rows, val_set), n in zip(seen, [1, 1, 2, 2, len(train), len(train)]):
+        assert train_set is train and val_set is val and len(rows) == n == len(np.unique(rows))
+        assert not set(train.patient_ids[rows]) & held_out
+    assert table[["n", "n_images", "repeat"]].values.tolist() == [
+        [1, 1, 0], [1, 1, 1], [2, 2, 0], [2, 2, 1], ["all", len(train), 0], ["all", len(train), 1]]
+    assert set(table.columns) >= {"model", "dice", "jaccard", "mean_dj", "val_dice", "best_epoch"}
+    assert table[["dice", "jaccard"]].notna().all().all() and (table["model"] == "unet").all()
+    first_draws = [rows.tolist() for _, rows, _ in seen]
+    seen.clear()
+    segmentation_few_shot(_tiny_unet, train, val, test, **kwargs)
+    assert [rows.tolist() for _, rows, _ in seen] == first_draws  # seeded
+    with pytest.raises(ValueError, match="exceeds the .* training images"):
+        segmentation_few_shot(_tiny_unet, train, val, test, ns=(len(train) + 1,), epochs=1, lr=0.1, batch_size=4,
+                              image_size=32)
+
+
+def test_predict_and_evaluate_at_native_resolution():
+    ds = make_dataset("ct", 6, size=64)  # organs absent from some slices: NaN per class, finite macro
+    model = frozen_linear(create_backbone("random-vit-smoke"), len(ds.mask_names) + 1)
+    masks = predict_masks(model, ds, image_size=32, device="cpu")
+    assert masks.shape == (6, 64, 64) and masks.dtype == np.uint8 and masks.max() < 8
+    df = evaluate_segmenter(model, ds, image_size=32, device="cpu")
+    assert len(df) == 6 and {"row", "patient_id", "dice_liver", "jaccard_spine", "mean_dj"} <= set(df.columns)
+    assert df["dice"].notna().all()
+    assert df["mean_dj"].to_numpy() == pytest.approx(((df["dice"] + df["jaccard"]) / 2).to_numpy())
+
+
+def test_bad_inputs_raise_clearly(small):
+    train, val = small
+    kw = dict(epochs=1, lr=0.1, batch_size=4, image_size=32, device="cpu")
+    with pytest.raises(ValueError, match="3 mask classes .* model outputs 3 classes; build it with n_classes=4"):
+        train_segmenter(scratch_unet(3, base=4, depth=2), train, val, **kw)
+    broken = train.subset(np.arange(4))
+    broken.masks = np.zeros((4, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match=r"masks \(4, 32, 32\) do not match images \(4, 64, 64\)"):
+        train_segmenter(_tiny_unet(), broken, val, **kw)
+    no_masks = train.subset(np.arange(4))
+    no_masks.masks = None
+    with pytest.raises(ValueError, match="has no masks"):
+        train_segmenter(_tiny_unet(), no_masks, val, **kw)
+    with pytest.raises(ValueError, match="needs a validation set"):
+        train_segmenter(_tiny_unet(), train, None, **kw)
+    with pytest.raises(ValueError, match="not a multiple of .* patch size 8; use 32"):
+        train_segmenter(frozen_linear(create_backbone("random-vit-smoke"), 4), train, val, **{**kw, "image_size": 36})
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train_segmenter(_tiny_unet(), train, val, **{**kw, "optimizer": "adam"})
+    with pytest.raises(ValueError, match="cache_features=True needs augment=False"):
+        train_segmenter(_tiny_unet(), train, val, **kw, augment=True, cache_features=True)
+
+
+def test_unknown_training_option_names_the_accepted_ones(small):
+    train, val = small
+    with pytest.raises(TypeError, match="training options are: epochs, lr, batch_size"):
+        train_segmenter(_tiny_unet(), train, val, epochs=1, lr=0.1, batch_size=4, image_size=32, momentun=0.9)
