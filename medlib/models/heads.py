@@ -95,7 +95,11 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
 
 
 class _DecoderUpBlock(nn.Module):
-    """Transposed conv (k2, s2) on x; conv3x3+BN+ReLU on the skip resized to match; concat; conv3x3+BN+ReLU."""
+    """Transposed conv (k2, s2) on x; conv3x3+BN+ReLU on the skip, then resized to match; concat; conv3x3+BN+ReLU.
+
+    The skip conv runs at the skip's own resolution before the bilinear resize (our assumption: for a
+    ViT every skip is the coarse patch grid, so convolving after upsampling would cost up to 256x more).
+    """
 
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int) -> None:
         super().__init__()
@@ -105,7 +109,7 @@ class _DecoderUpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
-        skip = self.skip(_resize(skip, tuple(x.shape[-2:])))
+        skip = _resize(self.skip(skip), tuple(x.shape[-2:]))
         return self.fuse(torch.cat([x, skip], dim=1))
 
 
