@@ -175,7 +175,8 @@ _PROFILES: dict[str, Profile] = {
     "paper": Profile(
         name="paper",
         description="real data sets and real DINOv2 / IN-21k weights supplied by the user: GPU(s)",
-        data=DataConfig(phantom_size=224, n_per_dataset=0, n_natural=0, n_show=16,
+        # phantoms are still shown by the data tour; the studies read `sources` (MEDLIB_DATA overrides the root)
+        data=DataConfig(phantom_size=224, n_per_dataset=64, n_natural=64, n_show=16,
                         sources={
                             "cxr_multilabel": "medmnist:chestmnist?size=224",
                             "breast_us": "medmnist:breastmnist?size=224",
@@ -203,6 +204,11 @@ def get_profile(name: str | Profile) -> Profile:
     if name not in _PROFILES:
         raise ValueError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.")
     return _PROFILES[name]
+
+
+def notebook_profile(name: str | None) -> Profile:
+    """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``."""
+    return get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
 
 
 def override(profile: Profile, **changes) -> Profile:

@@ -24,21 +24,19 @@
 # and do the "sites" differ the way real hospitals differ (exposure, prevalence, label sets)?
 
 # %% tags=["parameters"]
-import os
-
-profile = os.environ.get("MEDLIB_PROFILE", "tiny")  # papermill / `make reproduce PROFILE=...` set this
+profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
 
 # %%
 import numpy as np
 import pandas as pd
 import pydicom.data
 
-from medlib import get_profile
+from medlib.config import notebook_profile
 from medlib.data import natural, phantoms, sources
 from medlib.data.summary import describe, intensity_by_region, label_prevalence
 from medlib.reporting import image_grid, save_figure, save_table, set_style
 
-p = get_profile(profile)
+p = notebook_profile(profile)
 set_style()
 n, size, show = p.data.n_per_dataset, p.data.phantom_size, p.data.n_show
 print(f"profile={p.name}: {n} images per data set at {size} px - {p.description}")
@@ -132,6 +130,20 @@ real = {name: sources.load_source(f"dicom:{pydicom.data.get_testdata_file(name)}
 images = np.stack([ds.images[0] for ds in real.values()])
 fig = image_grid(images, titles=list(real), ncols=3, size=2.5, suptitle="Real DICOM files via medlib.data.sources")
 save_figure(fig, "00_real_dicom", p)
+
+# %% [markdown]
+# ## Your real data sets (`paper` profile)
+# The `paper` profile names real data sets by source string (`profile.data.sources`). If the files
+# are where the string says, they are loaded and shown here; if not, the loader's error says what
+# to put where. In the embedded profiles this list is empty.
+
+# %%
+for name, spec in p.data.sources.items():
+    try:
+        ds = sources.load_source(spec, split="train")
+        save_figure(image_grid(ds.images[:8], suptitle=f"{name}: {spec}"), f"00_real_{name}", p)
+    except (sources.DataError, FileNotFoundError) as err:
+        print(f"{name} ({spec}) not available: {err}")
 
 # %% [markdown]
 # ## Summary of every data set shown

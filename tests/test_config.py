@@ -65,3 +65,12 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_notebook_profile_prefers_the_parameter_then_the_environment(monkeypatch):
+    from medlib.config import notebook_profile
+
+    monkeypatch.setenv("MEDLIB_PROFILE", "smoke")
+    assert notebook_profile(None).name == "smoke" and notebook_profile("gpu").name == "gpu"
+    monkeypatch.delenv("MEDLIB_PROFILE")
+    assert notebook_profile(None).name == "tiny"

@@ -34,3 +34,11 @@ def test_committed_ipynb_holds_executed_outputs(py):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.get("execution_count") for c in code), \
         f"{py.with_suffix('.ipynb').name} must be committed executed (smoke outputs) for nbval"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_can_read_the_profile_parameter(py):
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(py.with_suffix(".ipynb")))
+    assert "profile" in params, f"papermill cannot parse the parameters cell of {py.name}"
