@@ -1,0 +1,18 @@
+"""DiNO-Diffusion (seed 000): the pipeline and its frozen DINO condition encoder, the small VAE, LDM training."""
+
+from .pipeline import (
+    SCHEDULERS, TOKEN_KINDS, DiNODiffusionPipeline, DinoConditionEncoder, build_pipeline, make_scheduler,
+    manifold_sample, null_condition_like, slerp, small_unet_config,
+)
+from .train import LDMResult, cache_conditioning, diffusion_loss, drop_condition, train_ldm
+from .vae import (
+    VAEResult, latent_scaling_factor, make_vae, reconstruct, reconstruction_metrics, resize_images, small_vae_config,
+    train_vae,
+)
+
+__all__ = [
+    "DiNODiffusionPipeline", "DinoConditionEncoder", "LDMResult", "SCHEDULERS", "TOKEN_KINDS", "VAEResult",
+    "build_pipeline", "cache_conditioning", "diffusion_loss", "drop_condition", "latent_scaling_factor",
+    "make_scheduler", "make_vae", "manifold_sample", "null_condition_like", "reconstruct", "reconstruction_metrics",
+    "resize_images", "slerp", "small_unet_config", "small_vae_config", "train_ldm", "train_vae",
+]
