@@ -28,10 +28,10 @@ import torch
 
 from ..cache import git_commit, stable_hash
 from ..config import Profile, cache_dir, get_profile, override, resolve_device
+from .health import HEALTH_MARGIN, extract_cls, health_check  # noqa: F401  (re-exported)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 COMMITTED_SUFFIXES = ("vit-tiny",)  # the profile whose weights are committed
-HEALTH_MARGIN = 0.03  # kNN accuracy a trained backbone must gain over random init, on average
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ RECIPES: dict[str, Recipe] = {r.family: r for r in (
            steps_fraction=0.34),
 )}
 BUILD_ORDER = ("ssl-natural", "sup-natural", "sup-cxr", "ssl-us", "ssl-knee")
-RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "models/build.py", "eval/finetune.py")
+# the code that shapes the weights: whole files, plus the recipe functions of this module (not the
+# card writing, CLI or health check, which do not change the weights)
+RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "eval/finetune.py")
+RECIPE_FUNCTIONS = ("load_data", "_build_ssl", "_build_supervised")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -67,12 +70,14 @@ def split_name(name: str) -> tuple[str, str]:
     raise ValueError(f"{name!r} is not an embedded backbone name; families: {', '.join(RECIPES)} + '-<arch>'")
 
 
-def _normalised_source(relative: str) -> str:
-    """Source of a medlib file with comments and docstrings stripped (so only code changes count)."""
+def _normalised_source(relative: str, functions: tuple[str, ...] | None = None) -> str:
+    """AST of a medlib file (or of some of its top-level functions) without docstrings: only code changes count."""
     path = Path(__file__).resolve().parent.parent / relative
     if not path.exists():
         return ""
     tree = ast.parse(path.read_text())
+    if functions is not None:
+        tree = ast.Module(body=[n for n in tree.body if getattr(n, "name", None) in functions], type_ignores=[])
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
@@ -92,7 +97,8 @@ def recipe_hash(name: str, profile: str | Profile) -> str:
         "recipe": asdict(RECIPES[family]), "arch": EMBEDDED_ARCHS[suffix], "ssl": asdict(p.ssl),
         "data": {"n_per_dataset": p.data.n_per_dataset, "n_natural": p.data.n_natural},
         "sup_epochs": p.backbone.sup_epochs, "seed": p.seed,
-        "code": {src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES},
+        "code": {**{src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES},
+                 "models/build.py": stable_hash(_normalised_source("models/build.py", RECIPE_FUNCTIONS))},
         "data_generators": {"phantoms": phantoms.GENERATOR_VERSION, "natural": natural.GENERATOR_VERSION},
     }
     if RECIPES[family].init:
@@ -127,52 +133,6 @@ def load_data(recipe: Recipe, profile: Profile, size: int) -> "ImageSet":  # noq
                     patient_ids=np.concatenate([s.patient_ids for s in sets]), name="+".join(recipe.data))
 
 
-def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
-    """kNN accuracy (k=20, T=0.07) of CLS features on held-out labelled phantom tasks, vs random init."""
-    from ..data import natural, phantoms
-    from ..eval.knn import knn_accuracy
-    from .backbones import EMBEDDED_ARCHS, create_backbone
-
-    arch, kwargs = EMBEDDED_ARCHS[suffix]
-    size = kwargs["img_size"]
-    gen_size = max(64, size)  # phantoms are drawn at >= 64 px; the transform resizes to the model's size
-    n = max(64, min(600, profile.data.n_per_dataset))
-    tasks = {
-        "ct_organ": phantoms.make_dataset("ct", n, size=gen_size, seed=profile.seed + 1000),
-        "knee_acl": phantoms.make_dataset("knee", n, size=gen_size, seed=profile.seed + 1000, target="acl_tear"),
-        "natural_class": natural.make_natural_labelled(n, size=gen_size, seed=profile.seed + 1000),
-    }
-    random_model = create_backbone(f"random-{suffix}").model
-    result: dict = {"k": 20, "temperature": 0.07, "n_images": n, "tasks": {}}
-    for task, ds in tasks.items():
-        labels = ds.labels if ds.task == "multiclass" else ds.labels[:, 0].astype(int)
-        half = len(ds) // 2
-        accs = {}
-        for which, net in (("trained", model), ("random_init", random_model)):
-            feats = extract_cls(net, np.asarray(ds.images), size, device)
-            accs[which] = knn_accuracy(feats[:half], labels[:half], feats[half:], labels[half:], k=20)
-        result["tasks"][task] = accs
-    gains = [t["trained"] - t["random_init"] for t in result["tasks"].values()]
-    result["mean_gain"] = float(np.mean(gains))
-    result["passed"] = bool(result["mean_gain"] >= HEALTH_MARGIN)
-    return result
-
-
-@torch.no_grad()
-def extract_cls(model: torch.nn.Module, images: np.ndarray, size: int, device: str = "cpu",
-                batch_size: int = 128) -> np.ndarray:
-    """CLS features of a timm model (``forward_features`` then its pooling) for uint8 images."""
-    from ..data.transforms import ClassificationTransform
-
-    transform = ClassificationTransform(size, train=False)
-    model.eval().to(device)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = transform(torch.as_tensor(images[i:i + batch_size])).to(device)
-        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy())
-    return np.concatenate(out)
-
-
 def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool,
                work_dir: Path) -> tuple[torch.nn.Module, dict]:
     from ..ssl.train import train_ssl
@@ -196,14 +156,18 @@ def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progr
                                        }).ssl
     # drawn at up to twice the global-crop size, so that crops keep detail (our assumption)
     data = load_data(recipe, profile, size=min(max(64, 2 * ssl_cfg.global_size), max(64, profile.data.phantom_size)))
-    result = train_ssl(model, np.asarray(data.images), ssl_cfg, out_dir=work_dir, seed=profile.seed, device=device,
+    run_dir = work_dir / stable_hash({"ssl": asdict(ssl_cfg), "data": data.name, "n": len(data), "seed": profile.seed,
+                                      "init": recipe.init, "arch": EMBEDDED_ARCHS[suffix]})
+    result = train_ssl(model, np.asarray(data.images), ssl_cfg, out_dir=run_dir, seed=profile.seed, device=device,
                        progress=progress)
     last = result.history.tail(max(1, len(result.history) // 10)).mean(numeric_only=True)
     info = {"steps": ssl_cfg.steps, "batch_size": ssl_cfg.batch_size, "images": len(data), "data": data.name,
             "images_per_s": round(float(result.images_per_s), 1), "collapse": result.collapse,
             "final_metrics_mean_last_10pct": {k: round(float(v), 4) for k, v in last.items()},
             "initialised_from": recipe.init and f"{recipe.init}-{suffix}"}
-    return result.student, info
+    info["exported"] = "EMA teacher (what DINOv2 evaluates and releases)"
+    info["ssl_wall_time_s"] = round(float(result.wall_time_s), 1)  # summed over resumed sessions
+    return result.teacher, info
 
 
 def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool) -> tuple[torch.nn.Module, dict]:
@@ -262,7 +226,7 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     device = resolve_device(device)
     recipe = RECIPES[family]
     start = time.perf_counter()
-    work_dir = cache_dir() / "build" / f"{name}-{expected}"
+    work_dir = cache_dir() / "build" / name  # resumable: each SSL run has its own sub-folder
     if recipe.kind == "ssl":
         model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
     else:
@@ -282,7 +246,8 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     }
     card_path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     status = "PASSED" if health["passed"] else "FAILED"
-    print(f"[build] {name}: {wall:.0f} s, health {status} (mean kNN gain over random init {health['mean_gain']:+.3f})")
+    print(f"[build] {name}: {wall:.0f} s, health {status} (mean kNN AUROC gain over random init "
+          f"{health['mean_auroc_gain']:+.3f})")
     return weights
 
 
