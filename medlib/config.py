@@ -94,6 +94,11 @@ class EvalConfig:
     folds: int = 5
     bootstrap: int = 1000
     batch_size: int = 128
+    logreg_n_c: int = 45  # C values of the logistic-regression probe, 10**linspace(-6, 5, n) (official: 45)
+    seg_images: int = 0  # images per segmentation data set (0 = all of data.n_per_dataset)
+    seg_repeats: int = 3  # seeded repeats of each few-shot segmentation size
+    seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (seed 002)
+    peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,8 @@ _PROFILES: dict[str, Profile] = {
                       freeze_last_layer_steps=1, checkpoint_every=2),
         eval=EvalConfig(knn_ks=(5,), few_shot_ns=(1, 2), few_shot_repeats=2, probe_epochs=2,
                         probe_lrs=(1e-2,), finetune_epochs=1, finetune_batch_size=8, seg_epochs=1,
-                        folds=2, bootstrap=50, batch_size=16),
+                        folds=2, bootstrap=50, batch_size=16, logreg_n_c=3, seg_images=24, seg_repeats=1,
+                        seg_lrs=(1e-1,)),
     ),
     "tiny": Profile(
         name="tiny",
@@ -154,7 +160,8 @@ _PROFILES: dict[str, Profile] = {
                       freeze_last_layer_steps=70, checkpoint_every=50),
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
                         probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
-                        folds=5, bootstrap=1000),
+                        folds=5, bootstrap=1000, logreg_n_c=8, seg_images=80, seg_repeats=2, seg_lrs=(1e-1,),
+                        peft_train_images=256),
     ),
     "gpu": Profile(
         name="gpu",

@@ -165,6 +165,23 @@ def prepare_backbone(backbone: Backbone, mode: str, lora_r: int = 48, lora_alpha
     return backbone
 
 
+class FrozenAwareClassifier(Classifier):
+    """A Classifier whose backbone stays in eval mode while it has no trainable parameter ("linear" mode).
+
+    ``model.train()`` would otherwise switch a frozen CNN's BatchNorm layers to batch statistics
+    and let their running statistics drift towards the training batches: the head then learns
+    on features that differ from the ones it is tested on (a frozen EfficientNet's linear head
+    fell below chance AUROC that way). Dropout of a frozen backbone stays off too.
+    """
+
+    def train(self, mode: bool = True) -> "FrozenAwareClassifier":
+        """Set train / eval mode; a backbone without trainable parameters always stays in eval mode."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
+
 @dataclass
 class PeftResult:
     """Outcome of one fine-tuning run: test metrics, parameter shares, training history and the model."""
@@ -215,7 +232,7 @@ def finetune_backbone(backbone: Backbone | str, mode: str, train: ImageSet, val:
         torch.manual_seed(seed)
         net = create_backbone(backbone, image_size=image_size) if isinstance(backbone, str) else copy.deepcopy(backbone)
         prepare_backbone(net, mode, lora_r, lora_alpha, lora_dropout)
-        model = Classifier(net, LinearHead(net.embed_dim, len(train.label_names)))
+        model = FrozenAwareClassifier(net, LinearHead(net.embed_dim, len(train.label_names)))
     parameters, backbone_parameters = trainable_parameter_report(model), trainable_parameter_report(net)
     size = int(image_size or net.image_size)
     start = time.perf_counter()
@@ -232,6 +249,7 @@ def finetune_backbone(backbone: Backbone | str, mode: str, train: ImageSet, val:
 
 
 __all__ = [
-    "DEFAULT_BACKBONE_LR", "DEFAULT_HEAD_LR", "MODES", "PeftResult", "config_from_text", "default_config",
-    "eval_transform", "finetune_backbone", "mode_from_flags", "parse_bool", "prepare_backbone", "train_transform",
+    "DEFAULT_BACKBONE_LR", "DEFAULT_HEAD_LR", "FrozenAwareClassifier", "MODES", "PeftResult", "config_from_text",
+    "default_config", "eval_transform", "finetune_backbone", "mode_from_flags", "parse_bool", "prepare_backbone",
+    "train_transform",
 ]

@@ -274,7 +274,8 @@ def _batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator | None)
     order = rng.permutation(rows) if rng is not None else np.asarray(rows)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()  # popped first: with two batches, batches[-2] would not exist after the pop
+        batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 
