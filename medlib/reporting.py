@@ -26,14 +26,17 @@ def set_style() -> None:
                          "axes.titleweight": "bold", "image.cmap": "gray"})
 
 
-def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str, ...] = ("png", "svg"),
+def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str, ...] | None = None,
                 **provenance_extra: Any) -> list[Path]:
-    """Save ``fig`` as ``figures/<name>_<profile>.<fmt>`` plus a ``.json`` provenance record; name must start NN_."""
+    """Save ``figures/<name>_<profile>.png`` (+ ``.svg`` for plots without images) and a ``.json`` provenance record."""
     profile_name = get_profile(profile).name
     if len(name) < 3 or not name[:2].isdigit() or name[2] != "_":
         raise ValueError(f"Figure name {name!r} must start with its notebook number, e.g. '01_fewshot_auroc'")
     if not fig.axes or not any(ax.get_title() or ax.get_xlabel() for ax in fig.axes) and not fig.get_suptitle():
         raise ValueError(f"Figure {name!r} has no title or axis labels; give it a caption-worthy title")
+    if formats is None:  # vector output only where it helps: an SVG of embedded raster images is just bigger
+        has_images = any(ax.get_images() for ax in fig.axes)
+        formats = ("png",) if has_images else ("png", "svg")
     stem = figures_dir() / f"{name}_{profile_name}"
     paths = []
     for fmt in formats:

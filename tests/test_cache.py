@@ -60,3 +60,13 @@ def test_provenance_record_has_the_required_fields(tmp_path):
     assert rec["wall_time_s"] == 1.235 and rec["packages"]["numpy"] == np.__version__
     save_json(tmp_path / "p.json", rec)
     assert json.loads((tmp_path / "p.json").read_text())["profile"] == "smoke"
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    path = save_npy(tmp_path / "p.npy", np.zeros(2, np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -26,7 +26,7 @@ def test_save_figure_writes_png_svg_and_provenance(out_dirs):
     ax.set_title("A line")
     paths = reporting.save_figure(fig, "00_line", "smoke")
     plt.close(fig)
-    assert {p.suffix for p in paths} == {".png", ".svg"} and all(p.stat().st_size > 0 for p in paths)
+    assert {p.suffix for p in paths} == {".png", ".svg"} and all(p.stat().st_size > 0 for p in paths)  # a plot: both
     record = json.loads((out_dirs / "figures" / "00_line_smoke.json").read_text())
     assert record["profile"] == "smoke" and record["figure"] == "00_line"
 
@@ -77,3 +77,16 @@ def test_image_grid_shapes():
     fig = reporting.image_grid(np.zeros((5, 8, 8), np.uint8), titles=list("abcde"), ncols=3, suptitle="grid")
     assert len(fig.axes) == 6
     plt.close(fig)
+
+
+def test_image_figures_are_png_only_and_files_are_world_readable(out_dirs):
+    import os
+    import stat
+
+    fig = reporting.image_grid(np.zeros((2, 8, 8), np.uint8), suptitle="images")
+    paths = reporting.save_figure(fig, "00_images", "smoke")
+    plt.close(fig)
+    assert [p.suffix for p in paths] == [".png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(paths[0].stat().st_mode) == 0o666 & ~umask
