@@ -1,0 +1,823 @@
+"""Study 1 (seed 002, Baharoon et al.): runners that loop over backbones x data sets and return tidy tables.
+
+Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to this module:
+
+- data and models: :func:`load_datasets` (the four radiology benchmarks of the study, as
+  phantoms or, in the ``paper`` profile, the sources the profile names), :func:`make_splits`
+  (patient-grouped train / val / test), :func:`load_backbones`, :func:`extract_all`;
+- frozen-feature evaluations: :func:`knn_table` (weighted vote, ML-kNN for multi-label),
+  :func:`probe_table` (the linear-probe grid and logistic regression, chosen on val, refit on
+  train + val, tested once), :func:`few_shot_table` (seeded repeats with 95 % intervals and
+  seed 002's single deterministic draw);
+- fine-tuning: :func:`peft_table` (full / LoRA / BitFit / linear) and
+  :func:`parameter_share_table` (trainable share of LoRA and BitFit, counted on any timm
+  architecture without building its weights);
+- segmentation: :func:`segmentation_sets`, :func:`segmentation_table` (frozen linear head,
+  frozen U-Net decoder, U-Net from scratch), :func:`segmentation_few_shot_table`;
+- published figures: :data:`PUBLISHED_FEW_SHOT_NIH`, :data:`PUBLISHED_SEG_MONTGOMERY`,
+  :func:`published_counterpart` (which of our backbones stands in for which published
+  model), :func:`few_shot_vs_paper`, :func:`segmentation_vs_paper`;
+- figures: :func:`plot_heatmap`, :func:`plot_few_shot`, :func:`plot_peft`,
+  :func:`plot_seg_few_shot`, :func:`plot_seg_overlays`.
+
+Every runner takes the profile for its sizes, so no size is written in the notebook.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..config import Profile, get_profile
+from ..data import phantoms
+from ..data.imageset import ImageSet
+from ..data.sources import load_source
+from ..data.splits import evenly_spaced_indices, patient_split
+from ..models.adapters import LORA_DEFAULT_TARGETS, apply_bitfit, apply_lora, trainable_parameter_report
+from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone
+from ..reporting import overlay_masks, paper_vs_ours
+from . import fewshot, segmentation
+from .features import FeatureSet, extract_features
+from .knn import knn_predict_proba
+from .linear import linear_probe, logistic_regression_probe
+from .metrics import classification_metrics
+from .mlknn import MLkNN
+from .peft_finetune import MODES, default_config, finetune_backbone
+
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+# --------------------------------------------------------------------------- data sets
+
+
+@dataclass(frozen=True)
+class BenchmarkDataset:
+    """One benchmark of study 1: the phantom that stands in for it, or the profile source that replaces it."""
+
+    family: str  # phantom family
+    params: Mapping[str, Any]  # make_dataset keyword arguments (site, target)
+    source_key: str | None  # key of profile.data.sources that replaces the phantom (paper profile)
+    stands_in_for: str  # the real benchmark(s) of seed 002 (or seed 001) it mimics
+
+
+STUDY1_DATASETS: Mapping[str, BenchmarkDataset] = {
+    "chest_xray": BenchmarkDataset("cxr", {"site": 0}, "cxr_multilabel", "NIH ChestX-ray14 / CheXpert (multi-label)"),
+    "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)"),
+    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like, seed 001)"),
+    "breast_us": BenchmarkDataset("breast_us", {}, "breast_us", "breast ultrasound, benign vs malignant"),
+}
+
+
+def load_datasets(profile: Profile | str, names: Sequence[str] | None = None,
+                  progress: bool = False) -> dict[str, ImageSet]:
+    """The study's data sets: the profile's source where it names one, else the phantom (n_per_dataset images).
+
+    A benchmark with neither (a ``paper`` profile without a source for it) is left out with
+    a warning; none at all raises.
+    """
+    p = get_profile(profile)
+    names = list(STUDY1_DATASETS) if names is None else list(names)
+    unknown = [n for n in names if n not in STUDY1_DATASETS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(STUDY1_DATASETS)}")
+    out: dict[str, ImageSet] = {}
+    for name in names:
+        spec = STUDY1_DATASETS[name]
+        if spec.source_key and spec.source_key in p.data.sources:
+            out[name] = load_source(p.data.sources[spec.source_key])
+        elif p.data.n_per_dataset > 0:
+            out[name] = phantoms.make_dataset(spec.family, n=p.data.n_per_dataset, size=p.data.phantom_size,
+                                              seed=p.seed, progress=progress, **dict(spec.params))
+        else:
+            warnings.warn(f"profile {p.name!r} has no source for {name!r} (data.sources[{spec.source_key!r}]) and "
+                          "no phantoms (n_per_dataset=0); left out", stacklevel=2)
+    if not out:
+        raise ValueError(f"profile {p.name!r} provides none of {names}; add sources to profile.data.sources")
+    return out
+
+
+def make_splits(datasets: Mapping[str, ImageSet], seed: int = 0,
+                fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, dict[str, np.ndarray]]:
+    """Patient-grouped, label-stratified train / val / test indices of every data set."""
+    return {name: patient_split(ds, fractions, seed=seed) for name, ds in datasets.items()}
+
+
+def describe_datasets(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]]
+                      ) -> pd.DataFrame:
+    """One row per data set: what it stands in for, task, labels, images, patients and split sizes."""
+    rows = []
+    for name, ds in datasets.items():
+        split = splits[name]
+        rows.append({"dataset": name, "stands_in_for": STUDY1_DATASETS[name].stands_in_for if name in STUDY1_DATASETS
+                     else "", "source": ds.name, "task": ds.task, "labels": len(ds.label_names),
+                     "images": len(ds), "patients": int(np.unique(ds.patient_ids).size),
+                     **{part: int(len(split[part])) for part in ("train", "val", "test")}})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- backbones and features
+
+
+def load_backbones(names: Sequence[str], image_size: int | None = None, skip_missing: bool = True
+                   ) -> tuple[dict[str, Backbone], pd.DataFrame]:
+    """Build each named backbone at ``image_size``; with ``skip_missing`` one without weights is listed, not fatal.
+
+    Returns the loaded backbones and a status table (backbone, kind, parameters in millions,
+    status, reason). Raises when no backbone could be loaded.
+    """
+    loaded: dict[str, Backbone] = {}
+    rows = []
+    for name in names:
+        try:
+            backbone = create_backbone(name, image_size=image_size)
+        except WeightsNotFoundError as err:
+            if not skip_missing:
+                raise
+            rows.append({"backbone": name, "kind": "", "params_M": float("nan"), "status": "missing",
+                         "reason": str(err).split(". ")[0]})
+            continue
+        loaded[name] = backbone
+        rows.append({"backbone": name, "kind": backbone.kind,
+                     "params_M": sum(p.numel() for p in backbone.parameters()) / 1e6, "status": "loaded",
+                     "reason": backbone.spec.description})
+    if not loaded:
+        raise WeightsNotFoundError(f"none of the backbones {list(names)} has weights here; see the table of reasons "
+                                   "or build them with `make backbones`")
+    return loaded, pd.DataFrame(rows)
+
+
+def extract_all(backbones: Mapping[str, Backbone], datasets: Mapping[str, ImageSet], *, image_size: int | None = None,
+                batch_size: int = 128, n_last: int = 4, device: str = "auto",
+                progress: bool = False) -> dict[tuple[str, str], FeatureSet]:
+    """Cached frozen features of every (backbone, data set) pair, keyed by (backbone name, data set name)."""
+    return {(b, d): extract_features(backbone, ds, image_size=image_size, n_last=n_last, batch_size=batch_size,
+                                     device=device, progress=progress)
+            for b, backbone in backbones.items() for d, ds in datasets.items()}
+
+
+def _parts(fs: FeatureSet, split: Mapping[str, np.ndarray]) -> tuple[FeatureSet, FeatureSet, FeatureSet]:
+    return fs.subset(split["train"]), fs.subset(split["val"]), fs.subset(split["test"])
+
+
+# --------------------------------------------------------------------------- kNN
+
+
+def _accuracy(task: str, y: np.ndarray, proba: np.ndarray) -> float:
+    """Top-1 accuracy for single-label tasks (binary at 0.5); NaN for multi-label."""
+    if task == "multiclass":
+        return float((proba.argmax(1) == np.asarray(y)).mean())
+    if task == "binary":
+        return float(((proba[:, 0] >= 0.5) == (np.asarray(y)[:, 0] > 0.5)).mean())
+    return float("nan")
+
+
+def knn_scores(train: FeatureSet, query: FeatureSet, k: int, temperature: float = 0.07, s: float = 1.0
+               ) -> tuple[np.ndarray, str, int]:
+    """Seed 002's kNN: ML-kNN (cosine, smoothing s) for multi-label, DINOv2's weighted vote otherwise.
+
+    Returns the query probabilities (binary: the positive column only), the method's name
+    and the k actually used (ML-kNN caps k at n_train - 1, the vote at n_train).
+    """
+    if train.task == "multilabel":
+        model = MLkNN(k=k, s=s).fit(train.cls, np.asarray(train.labels))
+        return model.predict_proba(query.cls), "ML-kNN", model.k_
+    labels = np.asarray(train.labels)
+    labels = labels[:, 0].astype(np.int64) if train.task == "binary" else labels.astype(np.int64)
+    n_classes = 2 if train.task == "binary" else train.n_classes
+    proba = knn_predict_proba(train.cls, labels, query.cls, n_classes=n_classes, k=k, temperature=temperature)
+    return (proba[:, 1:] if train.task == "binary" else proba), "weighted vote", min(k, len(train))
+
+
+def knn_table(features: Mapping[tuple[str, str], FeatureSet], splits: Mapping[str, Mapping[str, np.ndarray]],
+              ks: Sequence[int], temperature: float = 0.07, s: float = 1.0) -> pd.DataFrame:
+    """kNN on the train split for every (backbone, data set, k): val and test macro AUROC, k chosen on val.
+
+    Columns: backbone, dataset, task, method, k, k_used, val_auroc, test_auroc, test_accuracy
+    (single-label tasks), selected (the k with the best val AUROC of that pair; test never chooses).
+    """
+    rows = []
+    for (backbone, dataset), fs in features.items():
+        train, val, test = _parts(fs, splits[dataset])
+        for k in ks:
+            val_proba, method, used = knn_scores(train, val, k, temperature, s)
+            test_proba, _, _ = knn_scores(train, test, k, temperature, s)
+            rows.append({"backbone": backbone, "dataset": dataset, "task": fs.task, "method": method, "k": int(k),
+                         "k_used": int(used),
+                         "val_auroc": classification_metrics(fs.task, np.asarray(val.labels), val_proba)["auroc"],
+                         "test_auroc": classification_metrics(fs.task, np.asarray(test.labels), test_proba)["auroc"],
+                         "test_accuracy": _accuracy(fs.task, np.asarray(test.labels), test_proba)})
+    table = pd.DataFrame(rows)
+    return _mark_selected(table, ["backbone", "dataset"], "val_auroc")
+
+
+def _mark_selected(table: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
+    """Add a bool column ``selected``: the first row with the highest ``column`` in each group."""
+    table = table.copy()
+    table["selected"] = False
+    scores = table[column].fillna(-np.inf)
+    for _, index in table.groupby(by, sort=False).groups.items():
+        table.loc[scores.loc[index].idxmax(), "selected"] = True
+    return table
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_table(features: Mapping[tuple[str, str], FeatureSet], splits: Mapping[str, Mapping[str, np.ndarray]],
+                profile: Profile | str, *, logistic: bool = True, device: str = "auto") -> pd.DataFrame:
+    """Linear-probe grid (and logistic regression) per (backbone, data set): chosen on val, refit train+val, test once.
+
+    Columns: backbone, dataset, task, probe, chosen (the selected configuration), val_auroc
+    (of the chosen configuration), test_auroc, test_accuracy (multi-class only), n_train,
+    n_val, n_test, seconds.
+    """
+    p = get_profile(profile)
+    rows = []
+    for (backbone, dataset), fs in features.items():
+        train, val, test = _parts(fs, splits[dataset])
+        runs: list[tuple[str, Callable[[], Any]]] = [
+            ("linear grid", lambda: linear_probe(train, val, test, profile=p, seed=p.seed, device=device))]
+        if logistic:
+            runs.append(("logistic regression",
+                         lambda: logistic_regression_probe(train, val, test, n_c=p.eval.logreg_n_c)))
+        for probe, run in runs:
+            start = time.perf_counter()
+            result = run()
+            chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.chosen.items())
+            best = result.grid.loc[result.grid[list(result.chosen)].eq(pd.Series(result.chosen)).all(axis=1)]
+            rows.append({"backbone": backbone, "dataset": dataset, "task": fs.task, "probe": probe, "chosen": chosen,
+                         "val_auroc": float(best["val_auroc"].iloc[0]) if len(best) else float("nan"),
+                         "test_auroc": result.test_metrics.get("auroc", float("nan")),
+                         "test_accuracy": result.test_metrics.get("accuracy", float("nan")),
+                         "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                         "seconds": time.perf_counter() - start})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+@dataclass
+class FewShotTables:
+    """Few-shot results of several backbones on one data set: summary (mean, 95 % interval), raw scores, skipped n."""
+
+    summary: pd.DataFrame
+    scores: pd.DataFrame
+    skipped: dict[str, dict[Any, str]] = field(default_factory=dict)
+
+
+def few_shot_probe(kind: str, profile: Profile | str, device: str = "auto") -> fewshot.Probe:
+    """The few-shot probe named ``kind``: "linear" (seed 002's grid), "logistic" or "knn", sized by the profile."""
+    p = get_profile(profile)
+    if kind == "linear":
+        return fewshot.linear_probe_fn(profile=p, seed=p.seed, device=device)
+    if kind == "logistic":
+        return fewshot.logistic_probe(n_c=p.eval.logreg_n_c)
+    if kind == "knn":
+        return fewshot.knn_probe(k=min(p.eval.knn_ks))
+    raise ValueError(f"few-shot probe {kind!r}; choose 'linear', 'logistic' or 'knn'")
+
+
+def few_shot_sizes(profile: Profile | str) -> tuple[Any, ...]:
+    """The few-shot sizes of a profile plus "all" (the whole train split)."""
+    return tuple(get_profile(profile).eval.few_shot_ns) + ("all",)
+
+
+def few_shot_table(ds: ImageSet, features: Mapping[str, FeatureSet], split: Mapping[str, np.ndarray],
+                   profile: Profile | str, *, probe: str = "linear", unit: str = "patient",
+                   protocols: Sequence[str] = ("repeats", "paper"), device: str = "auto") -> FewShotTables:
+    """Few-shot test AUROC of every backbone (``features``: backbone -> FeatureSet of ``ds``), n = profile's + "all".
+
+    ``"repeats"``: ``eval.few_shot_repeats`` seeded draws per n, mean and 95 % t-interval;
+    ``"paper"``: seed 002's single deterministic draw. Training images come from the train
+    split only; an n that a class cannot supply is skipped and listed in ``skipped``.
+    """
+    p = get_profile(profile)
+    summaries, scores, skipped = [], [], {}
+    for backbone, fs in features.items():
+        for protocol in protocols:
+            result = fewshot.run_few_shot(ds, fs, dict(split), few_shot_probe(probe, p, device),
+                                          ns=few_shot_sizes(p), repeats=p.eval.few_shot_repeats, seed=p.seed,
+                                          unit=unit, protocol=protocol, skip_impossible=True)
+            tags = {"backbone": backbone, "protocol": protocol, "probe": probe, "unit": unit}
+            summaries.append(result.summary.assign(**tags))
+            scores.append(result.scores.assign(**tags))
+            if result.skipped:
+                skipped[f"{backbone} ({protocol})"] = result.skipped
+    summary = pd.concat(summaries, ignore_index=True)
+    front = ["backbone", "protocol", "probe", "unit"]
+    return FewShotTables(summary[front + [c for c in summary.columns if c not in front]],
+                         pd.concat(scores, ignore_index=True), skipped)
+
+
+# --------------------------------------------------------------------------- published figures
+
+
+def _published(rows: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    ns: tuple[Any, ...] = (1, 2, 4, 8, 16, "all")
+    return pd.DataFrame([{"model": model, "n": n, "value": v} for model, values in rows.items()
+                         for n, v in zip(ns, values)])
+
+
+#: Seed 002, few-shot NIH ChestX-ray14 linear probe, macro AUROC; n = patients per class (authors' figure data).
+PUBLISHED_FEW_SHOT_NIH = _published({
+    "DINOv2 ViT-L/14": (0.502, 0.528, 0.519, 0.584, 0.601, 0.763),
+    "ViT-L/16 IN-21k": (0.520, 0.536, 0.548, 0.582, 0.586, 0.752),
+    "DenseNet-201 IN-1k": (0.508, 0.525, 0.532, 0.580, 0.586, 0.735),
+    "ResNet-152 IN-1k": (0.482, 0.502, 0.505, 0.556, 0.573, 0.718),
+    "VGG-19 IN-1k": (0.505, 0.519, 0.521, 0.557, 0.572, 0.696),
+})
+
+#: Seed 002, few-shot Montgomery lung segmentation, mean of Dice and Jaccard; n = training images.
+PUBLISHED_SEG_MONTGOMERY = _published({
+    "DINOv2 ViT-L/14 (frozen)": (0.929, 0.941, 0.962, 0.961, 0.961, 0.974),
+    "U-Net (from scratch)": (0.583, 0.788, 0.893, 0.941, 0.960, 0.973),
+    "TransUNet": (0.884, 0.905, 0.950, 0.951, 0.964, 0.974),
+})
+
+_COUNTERPARTS: tuple[tuple[str, str, str], ...] = (
+    ("dinov2-vit-l14", "DINOv2 ViT-L/14", "same model"),
+    ("dinov2-", "DINOv2 ViT-L/14", "stand-in (another DINOv2 size)"),
+    ("ssl-natural-", "DINOv2 ViT-L/14", "stand-in (DINOv2 recipe on our natural stand-in images)"),
+    ("sup-natural-", "ViT-L/16 IN-21k", "stand-in (supervised ViT on our natural stand-in images)"),
+    ("vit-b16-in21k", "ViT-L/16 IN-21k", "stand-in (ViT-B instead of ViT-L)"),
+    ("efficientnet-lite0.in1k", "DenseNet-201 IN-1k", "stand-in (another supervised ImageNet-1k CNN)"),
+    ("resnet50-in1k", "ResNet-152 IN-1k", "stand-in (ResNet-50 instead of ResNet-152)"),
+)
+
+
+def published_counterpart(backbone: str) -> tuple[str | None, str]:
+    """(published few-shot NIH model our backbone is compared with, how it relates); (None, reason) when none."""
+    for prefix, model, relation in _COUNTERPARTS:
+        if backbone == prefix or (prefix.endswith("-") and backbone.startswith(prefix)):
+            return model, relation
+    return None, "no published counterpart"
+
+
+def primary_backbone(backbones: Mapping[str, Backbone]) -> str:
+    """The backbone that plays DINOv2: the first whose published counterpart is a DINOv2 model, else the first ViT."""
+    if not backbones:
+        raise ValueError("primary_backbone needs at least one backbone")
+    for name in backbones:
+        model, _ = published_counterpart(name)
+        if model is not None and model.startswith("DINOv2"):
+            return name
+    return next((name for name, bb in backbones.items() if bb.kind == "vit"), next(iter(backbones)))
+
+
+def few_shot_vs_paper(summary: pd.DataFrame, profile: Profile | str, protocol: str = "repeats") -> pd.DataFrame:
+    """Our few-shot AUROC (mean and 95 % interval) beside the published NIH figure of each backbone's counterpart."""
+    ours = summary[(summary["protocol"] == protocol) & (summary["metric"] == "auroc")].copy()
+    if ours.empty:
+        raise ValueError(f"no few-shot AUROC rows with protocol {protocol!r}; pass FewShotTables.summary")
+    pairs = [published_counterpart(b) for b in ours["backbone"]]
+    ours["model"] = [model for model, _ in pairs]
+    ours["relation"] = [relation for _, relation in pairs]
+    ours["value"] = ours["mean"]
+    merged = paper_vs_ours(ours, PUBLISHED_FEW_SHOT_NIH, on=["model", "n"], value="value", profile=profile)
+    merged.insert(0, "backbone", ours["backbone"].to_numpy())
+    merged["relation"] = ours["relation"].to_numpy()
+    merged["ci_low"], merged["ci_high"] = ours["ci_low"].to_numpy(), ours["ci_high"].to_numpy()
+    return merged.rename(columns={"model": "published_model", "ours": "ours_mean"})
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class PeftTables:
+    """Fine-tuning results: one row per (backbone, mode) and the full PeftResult of each run."""
+
+    table: pd.DataFrame
+    results: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+def cap_train(split: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The split with its train part cut to ``n`` evenly spaced images (n <= 0 or n >= train size: unchanged)."""
+    out = {k: np.asarray(v) for k, v in split.items()}
+    if 0 < n < len(out["train"]):
+        out["train"] = np.sort(evenly_spaced_indices(out["train"], int(n)))
+    return out
+
+
+def peft_table(backbones: Mapping[str, Backbone], ds: ImageSet, split: Mapping[str, np.ndarray],
+               profile: Profile | str, *, modes: Sequence[str] = MODES, device: str = "auto",
+               progress: bool = False) -> PeftTables:
+    """Full / LoRA / BitFit / linear fine-tuning of each backbone on ``ds``: epoch chosen on val, tested once.
+
+    The train split is capped at ``eval.peft_train_images``; LoRA on a CNN is listed as not
+    applicable. Columns: backbone, dataset, mode, test_auroc, trainable, total, trainable_pct
+    (of the whole classifier, head included), backbone_trainable_pct, best_epoch, n_train,
+    seconds, note.
+    """
+    p = get_profile(profile)
+    split = cap_train(split, p.eval.peft_train_images)
+    train, val, test = (ds.subset(split[k]) for k in ("train", "val", "test"))
+    rows, results = [], {}
+    for name, backbone in backbones.items():
+        for mode in modes:
+            base = {"backbone": name, "dataset": ds.name, "mode": mode, "n_train": len(train)}
+            if mode == "lora" and backbone.kind != "vit":
+                rows.append({**base, "test_auroc": float("nan"), "note": "not applicable: LoRA targets ViT blocks"})
+                continue
+            result = finetune_backbone(backbone, mode, train, val, test, default_config(mode, p), seed=p.seed,
+                                       device=device, progress=progress)
+            results[(name, mode)] = result
+            rows.append({**base, "test_auroc": result.test_metrics["auroc"],
+                         "trainable": int(result.parameters["trainable"]), "total": int(result.parameters["total"]),
+                         "trainable_pct": 100 * result.parameters["share"],
+                         "backbone_trainable_pct": 100 * result.backbone_parameters["share"],
+                         "best_epoch": result.best_epoch, "seconds": result.info["wall_time_s"], "note": ""})
+    return PeftTables(pd.DataFrame(rows), results)
+
+
+#: timm architectures of the published DINOv2 models (counted on the meta device, no weights needed).
+DINOV2_ARCHS: Mapping[str, str] = {
+    "DINOv2 ViT-S/14": "vit_small_patch14_dinov2", "DINOv2 ViT-B/14": "vit_base_patch14_dinov2",
+    "DINOv2 ViT-L/14": "vit_large_patch14_dinov2", "DINOv2 ViT-g/14": "vit_giant_patch14_dinov2",
+}
+
+
+def _count_model(model: str | nn.Module) -> nn.Module:
+    """A fresh copy to count on: a timm architecture built on the meta device, or a deep copy of a module."""
+    if isinstance(model, str):
+        import timm
+
+        with torch.device("meta"):
+            return timm.create_model(model, pretrained=False, num_classes=0)
+    return copy.deepcopy(model)
+
+
+def parameter_share_table(models: Mapping[str, str | nn.Module], r: int = 48, alpha: float = 16,
+                          targets: Sequence[str] = LORA_DEFAULT_TARGETS) -> pd.DataFrame:
+    """Trainable share of LoRA (rank r on the ``targets`` linears) and BitFit for each model (timm arch name or module).
+
+    Columns: model, lora_targets, params_M (backbone), lora_trainable_M, lora_pct (of backbone
+    + adapters), bitfit_trainable_M, bitfit_pct. Heads are not counted.
+    """
+    rows = []
+    for label, model in models.items():
+        total = sum(p.numel() for p in _count_model(model).parameters())
+        lora = trainable_parameter_report(apply_lora(_count_model(model), r=r, alpha=alpha, targets=targets))
+        bitfit = trainable_parameter_report(apply_bitfit(_count_model(model)))
+        rows.append({"model": label, "lora_targets": "/".join(targets), "params_M": total / 1e6,
+                     "lora_trainable_M": lora["trainable"] / 1e6,
+                     "lora_pct": 100 * lora["share"], "bitfit_trainable_M": bitfit["trainable"] / 1e6,
+                     "bitfit_pct": 100 * bitfit["share"]})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+SEG_HEADS = {"linear": "frozen linear head", "unet": "frozen U-Net decoder (last 5 blocks)"}
+SCRATCH = "U-Net from scratch"
+
+
+def segmentation_sets(datasets: Mapping[str, ImageSet], profile: Profile | str
+                      ) -> dict[str, dict[str, ImageSet]]:
+    """Train / val / test ImageSets (patient-grouped) of the first ``eval.seg_images`` images of each data set."""
+    p = get_profile(profile)
+    out = {}
+    for name, ds in datasets.items():
+        if ds.masks is None or not ds.mask_names:
+            raise ValueError(f"data set {name!r} ({ds.name}) has no masks; segmentation needs label maps")
+        n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
+        small = ds.subset(np.arange(n))
+        split = patient_split(small, SPLIT_FRACTIONS, seed=p.seed, stratify=False)
+        out[name] = {part: small.subset(rows) for part, rows in split.items()}
+    return out
+
+
+def _seg_factory(head: str, backbone: Backbone | None, n_classes: int) -> Callable[[], nn.Module]:
+    """A factory of fresh segmentation models of one kind (the frozen backbone is shared, so its grids cache)."""
+    if head == "linear":
+        return lambda: segmentation.frozen_linear(backbone, n_classes)
+    if head == "unet":
+        return lambda: segmentation.frozen_unet(backbone, n_classes)
+    if head == "scratch":
+        return lambda: segmentation.scratch_unet(n_classes)
+    raise ValueError(f"segmentation head {head!r}; choose 'linear', 'unet' or 'scratch'")
+
+
+def _seg_jobs(backbones: Mapping[str, Backbone], heads: Sequence[str], scratch: bool
+              ) -> list[tuple[str, str, Backbone | None]]:
+    """(backbone label, head, backbone) of every model to train; heads needing 5 blocks skip shallower backbones."""
+    jobs = [(name, head, bb) for name, bb in backbones.items() for head in heads
+            if head != "unet" or bb.depth >= segmentation.UNetDecoder.n_grids]
+    return jobs + ([("-", "scratch", None)] if scratch else [])
+
+
+def _train_kwargs(p: Profile, device: str) -> dict[str, Any]:
+    return {"epochs": p.eval.seg_epochs, "batch_size": p.eval.finetune_batch_size,
+            "image_size": p.backbone.image_size, "device": device}
+
+
+@dataclass
+class SegTables:
+    """Segmentation results: one row per (data set, model), the trained models and the lr grids."""
+
+    table: pd.DataFrame
+    models: dict[tuple[str, str, str], nn.Module] = field(default_factory=dict)  # (dataset, backbone, head)
+    lr_tables: dict[tuple[str, str, str], pd.DataFrame] = field(default_factory=dict)
+
+
+def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
+                       profile: Profile | str, *, heads: Sequence[str] = ("linear", "unet"), scratch: bool = True,
+                       device: str = "auto") -> SegTables:
+    """Train every head on every backbone (+ a U-Net from scratch) on the whole train split; lr and epoch chosen on val.
+
+    Columns: dataset, backbone, head, model, lr, best_epoch, val_dice, test_dice,
+    test_jaccard, test_mean_dj (macro over foreground classes, mean over test images),
+    trainable, seconds.
+    """
+    p = get_profile(profile)
+    kwargs = _train_kwargs(p, device)
+    rows, models, lr_tables = [], {}, {}
+    for dataset, parts in seg_sets.items():
+        n_classes = len(parts["train"].mask_names) + 1
+        for name, head, backbone in _seg_jobs(backbones, heads, scratch):
+            start = time.perf_counter()
+            best, lrs = segmentation.lr_grid(_seg_factory(head, backbone, n_classes), parts["train"], parts["val"],
+                                             p.eval.seg_lrs, seed=p.seed, **kwargs)
+            test = segmentation.summarize(segmentation.evaluate_segmenter(best.model, parts["test"],
+                                                                          kwargs["image_size"], device))
+            key = (dataset, name, head)
+            models[key], lr_tables[key] = best.model, lrs
+            rows.append({"dataset": dataset, "backbone": name, "head": SEG_HEADS.get(head, SCRATCH),
+                         "model": seg_model_label(name, head), "lr": float(lrs.loc[lrs["selected"], "lr"].iloc[0]),
+                         "best_epoch": best.best_epoch, "val_dice": best.best_val_dice,
+                         "test_dice": float(test["dice"]), "test_jaccard": float(test["jaccard"]),
+                         "test_mean_dj": float(test["mean_dj"]),
+                         "trainable": int(sum(q.numel() for q in best.model.parameters() if q.requires_grad)),
+                         "seconds": time.perf_counter() - start})
+    return SegTables(pd.DataFrame(rows), models, lr_tables)
+
+
+def seg_model_label(backbone: str, head: str) -> str:
+    """A short label for a segmentation model, e.g. ``"ssl-natural-vit-tiny + U-Net decoder"``."""
+    if head == "scratch":
+        return SCRATCH
+    return f"{backbone} + {'linear head' if head == 'linear' else 'U-Net decoder'}"
+
+
+def equal_step_epochs(n_images: int, n_train: int, batch_size: int, epochs: int) -> int:
+    """Epochs that give ``n_images`` training images as many optimiser steps as ``epochs`` over ``n_train`` images."""
+    if min(n_images, n_train, batch_size, epochs) < 1:
+        raise ValueError(f"equal_step_epochs needs positive sizes, got n_images={n_images}, n_train={n_train}, "
+                         f"batch_size={batch_size}, epochs={epochs}")
+    steps = epochs * int(np.ceil(n_train / batch_size))
+    return int(np.ceil(steps / np.ceil(n_images / batch_size)))
+
+
+def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
+                                profile: Profile | str, *, heads: Sequence[str] = ("linear", "unet"),
+                                scratch: bool = True, lrs: pd.DataFrame | None = None, equal_steps: bool = True,
+                                device: str = "auto") -> pd.DataFrame:
+    """Test Dice / Jaccard when each model trains on n images (profile sizes + "all"), ``eval.seg_repeats`` draws each.
+
+    ``lrs`` is :func:`segmentation_table`'s table: each model reuses the lr chosen there
+    (else the profile grid's first). Sizes larger than the train split are left out. With
+    ``equal_steps`` (our assumption) every n trains for as many optimiser steps as
+    ``eval.seg_epochs`` epochs over the whole train split (:func:`equal_step_epochs`), so small
+    n are not also starved of updates; otherwise every n trains ``eval.seg_epochs`` epochs.
+    Long table: dataset, backbone, head, model, n, n_images, repeat, epochs, dice, jaccard,
+    mean_dj, val_dice, best_epoch, lr.
+    """
+    p = get_profile(profile)
+    kwargs = _train_kwargs(p, device)
+    frames = []
+    for dataset, parts in seg_sets.items():
+        n_train, n_classes = len(parts["train"]), len(parts["train"].mask_names) + 1
+        ns = [n for n in few_shot_sizes(p) if n == "all" or n <= n_train]
+        for name, head, backbone in _seg_jobs(backbones, heads, scratch):
+            label = seg_model_label(name, head)
+            lr = _chosen_lr(lrs, dataset, label, p.eval.seg_lrs[0])
+            for n in ns:
+                size = n_train if n == "all" else int(n)
+                epochs = (equal_step_epochs(size, n_train, kwargs["batch_size"], kwargs["epochs"]) if equal_steps
+                          else kwargs["epochs"])
+                long = segmentation.segmentation_few_shot(
+                    _seg_factory(head, backbone, n_classes), parts["train"], parts["val"], parts["test"], ns=[n],
+                    repeats=p.eval.seg_repeats, seed=p.seed, model_name=label, lr=lr, **{**kwargs, "epochs": epochs})
+                frames.append(long.assign(dataset=dataset, backbone=name, head=SEG_HEADS.get(head, SCRATCH), lr=lr,
+                                          epochs=epochs))
+    table = pd.concat(frames, ignore_index=True)
+    front = ["dataset", "backbone", "head", "model"]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def _chosen_lr(lrs: pd.DataFrame | None, dataset: str, model: str, default: float) -> float:
+    if lrs is None:
+        return float(default)
+    row = lrs[(lrs["dataset"] == dataset) & (lrs["model"] == model)]
+    return float(row["lr"].iloc[0]) if len(row) else float(default)
+
+
+def summarize_repeats(long: pd.DataFrame, by: Sequence[str], value: str, n_column: str = "n_images"
+                      ) -> pd.DataFrame:
+    """Mean, std and 95 % t-interval of ``value`` over repeats, per ``by`` groups and n (few-shot curves)."""
+    missing = [c for c in [*by, "n", value] if c not in long.columns]
+    if missing:
+        raise ValueError(f"summarize_repeats: the table lacks column(s) {missing}")
+    frames = []
+    for keys, group in long.groupby(list(by), sort=False):
+        scores = pd.DataFrame({"n": group["n"], "metric": value, "value": group[value],
+                               "n_train_images": group[n_column] if n_column in group else np.nan})
+        summary = fewshot.summarize(scores)
+        for column, key in zip(by, keys if isinstance(keys, tuple) else (keys,)):
+            summary[column] = key
+        frames.append(summary)
+    out = pd.concat(frames, ignore_index=True)
+    return out[list(by) + [c for c in out.columns if c not in by]]
+
+
+def segmentation_vs_paper(summary: pd.DataFrame, profile: Profile | str, backbone: str,
+                          dataset: str = "chest_xray") -> pd.DataFrame:
+    """Our few-shot chest mean(Dice, Jaccard) beside the published Montgomery curve of the matching model.
+
+    The frozen heads of ``backbone`` are set beside "DINOv2 ViT-L/14 (frozen)" when the backbone
+    stands in for DINOv2 (the paper does not say which head that row used, so both of ours are
+    shown; any other backbone gets no published figure), the scratch U-Net beside
+    "U-Net (from scratch)".
+    """
+    ours = summary[(summary["dataset"] == dataset) & (summary["metric"] == "mean_dj")
+                   & summary["backbone"].isin([backbone, "-"])].copy()
+    if ours.empty:
+        raise ValueError(f"no mean_dj rows for data set {dataset!r} and backbone {backbone!r}; "
+                         "pass summarize_repeats(segmentation_few_shot_table(...), ...)")
+    dinov2 = (published_counterpart(backbone)[0] or "").startswith("DINOv2")
+    ours["published_model"] = np.where(ours["backbone"] == "-", "U-Net (from scratch)",
+                                       "DINOv2 ViT-L/14 (frozen)" if dinov2 else "none")
+    ours["value"] = ours["mean"]
+    published = PUBLISHED_SEG_MONTGOMERY.rename(columns={"model": "published_model"})
+    merged = paper_vs_ours(ours, published, on=["published_model", "n"], value="value", profile=profile)
+    merged.insert(0, "model", ours["model"].to_numpy())
+    merged["ci_low"], merged["ci_high"] = ours["ci_low"].to_numpy(), ours["ci_high"].to_numpy()
+    return merged.rename(columns={"ours": "ours_mean"})
+
+
+def headline_table(knn: pd.DataFrame, probes: pd.DataFrame, few_summary: pd.DataFrame, seg: pd.DataFrame,
+                   backbones: Sequence[str]) -> pd.DataFrame:
+    """One row per backbone: mean test AUROC of kNN (k chosen on val) and of each probe over the data sets,
+    few-shot AUROC (seeded repeats) at the smallest n and with all data, frozen U-Net decoder mean(Dice, Jaccard)."""
+    columns: dict[str, pd.Series] = {"knn_auroc": knn[knn["selected"]].groupby("backbone")["test_auroc"].mean()}
+    for probe, group in probes.groupby("probe", sort=False):
+        columns[f"{probe.replace(' ', '_')}_auroc"] = group.groupby("backbone")["test_auroc"].mean()
+    repeats = few_summary[(few_summary["protocol"] == "repeats") & (few_summary["metric"] == "auroc")]
+    numbers = [n for n in repeats["n"] if n != "all"]
+    for n in ([min(numbers)] if numbers else []) + ["all"]:
+        columns[f"fewshot_auroc_n={n}"] = repeats[repeats["n"] == n].set_index("backbone")["mean"]
+    decoder = seg[seg["head"] == SEG_HEADS["unet"]]
+    columns["seg_unet_mean_dj"] = decoder.groupby("backbone")["test_mean_dj"].mean()
+    return pd.DataFrame(columns).reindex(list(backbones)).rename_axis("backbone").reset_index()
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _n_positions(ns: Sequence[Any]) -> tuple[list[Any], dict[Any, int]]:
+    """Categorical x positions of few-shot sizes, numbers ascending then "all"."""
+    order = sorted({n for n in ns if n != "all"}, key=float) + (["all"] if "all" in set(ns) else [])
+    return order, {n: i for i, n in enumerate(order)}
+
+
+def _curve(ax: Any, frame: pd.DataFrame, pos: dict[Any, int], label: str, **style: Any) -> None:
+    """One mean curve with its 95 % band (where the interval exists)."""
+    frame = frame.assign(x=frame["n"].map(pos)).sort_values("x")
+    line = ax.plot(frame["x"], frame["mean"], marker="o", label=label, **style)[0]
+    band = frame.dropna(subset=["ci_low", "ci_high"])
+    if len(band):
+        ax.fill_between(band["x"], band["ci_low"], band["ci_high"], color=line.get_color(), alpha=0.2)
+
+
+def plot_heatmap(table: pd.DataFrame, index: str, columns: str, value: str, title: str, fmt: str = ".3f"):
+    """An annotated heatmap of ``value`` pivoted to ``index`` x ``columns``."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = table.pivot_table(index=index, columns=columns, values=value, aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.6 * grid.shape[1] + 3, 0.55 * grid.shape[0] + 1.6))
+    sns.heatmap(grid, annot=True, fmt=fmt, cmap="viridis", cbar_kws={"label": value}, ax=ax)
+    ax.set(title=title, xlabel=columns, ylabel=index)
+    return fig
+
+
+def plot_few_shot(summary: pd.DataFrame, title: str, metric: str = "auroc", published: pd.DataFrame | None = None,
+                  xlabel: str = "training size n"):
+    """Few-shot curves per backbone (mean and 95 % band over repeats; the paper's single draw dashed).
+
+    With ``published`` (e.g. :data:`PUBLISHED_FEW_SHOT_NIH`) a second panel shows the
+    published curves on their own axes: they were measured on other data.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = summary[summary["metric"] == metric]
+    order, pos = _n_positions(rows["n"].tolist() + ([] if published is None else published["n"].tolist()))
+    ncols = 1 if published is None else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
+    ax = axes[0, 0]
+    for i, (backbone, group) in enumerate(rows.groupby("backbone", sort=False)):
+        colour = f"C{i}"
+        _curve(ax, group[group["protocol"] == "repeats"], pos, f"{backbone} (mean, 95% CI)", color=colour)
+        single = group[group["protocol"] == "paper"]
+        if len(single):
+            _curve(ax, single, pos, f"{backbone} (single draw)", color=colour, linestyle="--", alpha=0.6,
+                   markerfacecolor="none")
+    ax.set(title=title, xlabel=xlabel, ylabel=f"test {metric}", xticks=range(len(order)),
+           xticklabels=[str(n) for n in order])
+    ax.legend(fontsize=7)
+    if published is not None:
+        for model, group in published.groupby("model", sort=False):
+            axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=model)
+        axes[0, 1].set(title="Published (seed 002, NIH ChestX-ray14)", xlabel="patients per class",
+                       ylabel="macro AUROC", xticks=range(len(order)), xticklabels=[str(n) for n in order])
+        axes[0, 1].legend(fontsize=7)
+    return fig
+
+
+def plot_peft(table: pd.DataFrame, title: str):
+    """Test AUROC per fine-tuning mode (bars labelled with the trainable share) and the trainable share (log)."""
+    import matplotlib.pyplot as plt
+
+    done = table.dropna(subset=["test_auroc"])
+    if done.empty:
+        raise ValueError("plot_peft: no finished run in the table (every test_auroc is NaN)")
+    modes = list(dict.fromkeys(done["mode"]))
+    backbones = list(dict.fromkeys(done["backbone"]))
+    width = 0.8 / len(backbones)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, backbone in enumerate(backbones):
+        rows = done[done["backbone"] == backbone].set_index("mode")
+        x = np.array([modes.index(m) for m in rows.index]) + (i - (len(backbones) - 1) / 2) * width
+        bars = axes[0].bar(x, rows["test_auroc"], width, label=backbone, color=f"C{i}")
+        axes[0].bar_label(bars, labels=[f"{v:.3g}%" for v in rows["trainable_pct"]], fontsize=7)
+        axes[1].bar(x, rows["trainable_pct"], width, label=backbone, color=f"C{i}")
+    low = max(0.0, float(done["test_auroc"].min()) - 0.1)
+    axes[0].set(title=title, xlabel="fine-tuning mode (bar label: % trainable)", ylabel="test macro AUROC",
+                ylim=(low, 1.0), xticks=range(len(modes)), xticklabels=modes)
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(1.0, color="k", linestyle=":", label="1 % (the paper's claim)")
+    axes[1].set(yscale="log", title="Trainable parameters (head included)", xlabel="fine-tuning mode",
+                ylabel="% of parameters trained", xticks=range(len(modes)), xticklabels=modes)
+    axes[1].legend(fontsize=7)
+    return fig
+
+
+def plot_seg_few_shot(summary: pd.DataFrame, title: str, metric: str = "mean_dj"):
+    """One panel per data set: few-shot segmentation curves (mean and 95 % band) of every model."""
+    import matplotlib.pyplot as plt
+
+    rows = summary[summary["metric"] == metric]
+    datasets = list(dict.fromkeys(rows["dataset"]))
+    order, pos = _n_positions(rows["n"].tolist())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for model, group in rows[rows["dataset"] == dataset].groupby("model", sort=False):
+            _curve(ax, group, pos, model)
+        ax.set(title=f"{dataset}", xlabel="training images n", ylabel=f"test {metric.replace('_', ' ')}",
+               xticks=range(len(order)), xticklabels=[str(n) for n in order])
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_seg_overlays(models: Mapping[str, nn.Module], ds: ImageSet, image_size: int, n_show: int, title: str,
+                      device: str = "auto", size: float = 1.7):
+    """Rows of test images: the true masks, then each model's predicted masks (same colours)."""
+    import matplotlib.pyplot as plt
+
+    rows = np.arange(min(n_show, len(ds)))
+    shown = ds.subset(rows)
+    predictions = {label: segmentation.predict_masks(model, shown, image_size, device=device)
+                   for label, model in models.items()}
+    columns = [("truth", np.asarray(shown.masks))] + list(predictions.items())
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(size * len(columns), size * len(rows) + 0.5),
+                             squeeze=False)
+    for j, (label, masks) in enumerate(columns):
+        axes[0, j].set_title(label.replace(" + ", "\n+ "), fontsize=7)
+        for i in range(len(rows)):
+            axes[i, j].imshow(overlay_masks(np.asarray(shown.images[i]), masks[i]))
+            axes[i, j].axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+__all__ = [
+    "BenchmarkDataset", "DINOV2_ARCHS", "FewShotTables", "PUBLISHED_FEW_SHOT_NIH", "PUBLISHED_SEG_MONTGOMERY",
+    "PeftTables", "SCRATCH", "SEG_HEADS", "STUDY1_DATASETS", "SegTables", "cap_train", "describe_datasets",
+    "equal_step_epochs", "extract_all", "few_shot_probe", "few_shot_sizes", "few_shot_table", "few_shot_vs_paper",
+    "headline_table", "knn_scores", "knn_table", "load_backbones", "load_datasets", "make_splits",
+    "parameter_share_table", "peft_table", "plot_few_shot", "plot_heatmap", "plot_peft", "plot_seg_few_shot",
+    "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
+    "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
+    "summarize_repeats",
+]
