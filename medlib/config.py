@@ -98,6 +98,7 @@ class EvalConfig:
     seg_images: int = 0  # images per segmentation data set (0 = all of data.n_per_dataset)
     seg_repeats: int = 3  # seeded repeats of each few-shot segmentation size
     seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (seed 002)
+    seg_batch_size: int = 8  # segmentation batch (not given by seed 002; small batches give more steps)
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
 
 
@@ -161,7 +162,7 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
                         probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
                         folds=5, bootstrap=1000, logreg_n_c=8, seg_images=80, seg_repeats=2, seg_lrs=(1e-1,),
-                        peft_train_images=256),
+                        peft_train_images=160),
     ),
     "gpu": Profile(
         name="gpu",

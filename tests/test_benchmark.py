@@ -177,6 +177,17 @@ def test_load_backbones_lists_missing_weights():
         bm.load_backbones(["dinov2-vit-s14"])
 
 
+def test_model_card_health_reads_embedded_cards_only(monkeypatch):
+    cards = {"ssl-natural-vit-smoke": {"device": "cpu", "training": {"steps": 4},
+                                       "health": {"passed": False, "mean_auroc_gain": -0.05, "criterion": "gain"}},
+             "sup-natural-vit-smoke": None}
+    monkeypatch.setattr(bm, "load_model_card", lambda name: cards[name])
+    table = bm.model_card_health(["ssl-natural-vit-smoke", "sup-natural-vit-smoke", "random-vit-smoke",
+                                  "efficientnet-lite0.in1k"])
+    assert table.to_dict("records") == [{"backbone": "ssl-natural-vit-smoke", "passed": False, "mean_auroc_gain": -0.05,
+                                         "criterion": "gain", "training": "4 steps", "device": "cpu"}]
+
+
 @pytest.fixture(scope="module")
 def knee():
     """Smoke knee phantoms, their split and random-vit-smoke features."""
@@ -267,7 +278,7 @@ def test_linear_mode_keeps_a_frozen_cnns_batchnorm_statistics(knee):
 
 
 SEG_PROFILE = override(SMOKE, **{"eval.seg_images": 20, "eval.seg_epochs": 1, "eval.seg_lrs": (0.1,),
-                                 "eval.finetune_batch_size": 8, "eval.few_shot_ns": (1, 4), "eval.seg_repeats": 2})
+                                 "eval.seg_batch_size": 8, "eval.few_shot_ns": (1, 4), "eval.seg_repeats": 2})
 
 
 @pytest.fixture(scope="module")

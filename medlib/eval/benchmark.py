@@ -4,7 +4,9 @@ Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to th
 
 - data and models: :func:`load_datasets` (the four radiology benchmarks of the study, as
   phantoms or, in the ``paper`` profile, the sources the profile names), :func:`make_splits`
-  (patient-grouped train / val / test), :func:`load_backbones`, :func:`extract_all`;
+  (patient-grouped train / val / test), :func:`load_backbones`, :func:`model_card_health` (the
+  build-time health check of our self-trained backbones), :func:`primary_backbone` (the one that
+  plays DINOv2), :func:`extract_all`;
 - frozen-feature evaluations: :func:`knn_table` (weighted vote, ML-kNN for multi-label),
   :func:`probe_table` (the linear-probe grid and logistic regression, chosen on val, refit on
   train + val, tested once), :func:`few_shot_table` (seeded repeats with 95 % intervals and
@@ -13,10 +15,11 @@ Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to th
   :func:`parameter_share_table` (trainable share of LoRA and BitFit, counted on any timm
   architecture without building its weights);
 - segmentation: :func:`segmentation_sets`, :func:`segmentation_table` (frozen linear head,
-  frozen U-Net decoder, U-Net from scratch), :func:`segmentation_few_shot_table`;
+  frozen U-Net decoder, U-Net from scratch), :func:`segmentation_few_shot_table` (as many
+  optimiser steps for every n: :func:`equal_step_epochs`), :func:`summarize_repeats`;
 - published figures: :data:`PUBLISHED_FEW_SHOT_NIH`, :data:`PUBLISHED_SEG_MONTGOMERY`,
   :func:`published_counterpart` (which of our backbones stands in for which published
-  model), :func:`few_shot_vs_paper`, :func:`segmentation_vs_paper`;
+  model), :func:`few_shot_vs_paper`, :func:`segmentation_vs_paper`; :func:`headline_table`;
 - figures: :func:`plot_heatmap`, :func:`plot_few_shot`, :func:`plot_peft`,
   :func:`plot_seg_few_shot`, :func:`plot_seg_overlays`.
 
@@ -42,7 +45,7 @@ from ..data.imageset import ImageSet
 from ..data.sources import load_source
 from ..data.splits import evenly_spaced_indices, patient_split
 from ..models.adapters import LORA_DEFAULT_TARGETS, apply_bitfit, apply_lora, trainable_parameter_report
-from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone
+from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone, get_spec, load_model_card
 from ..reporting import overlay_masks, paper_vs_ours
 from . import fewshot, segmentation
 from .features import FeatureSet, extract_features
@@ -152,6 +155,28 @@ def load_backbones(names: Sequence[str], image_size: int | None = None, skip_mis
         raise WeightsNotFoundError(f"none of the backbones {list(names)} has weights here; see the table of reasons "
                                    "or build them with `make backbones`")
     return loaded, pd.DataFrame(rows)
+
+
+def model_card_health(names: Sequence[str]) -> pd.DataFrame:
+    """The recorded health check of each embedded backbone among ``names`` (kNN AUROC gain over random init).
+
+    Columns: backbone, passed, mean_auroc_gain, criterion, training (steps or epochs), device.
+    Backbones that are not project-trained, or have no model card, are left out.
+    """
+    rows = []
+    for name in names:
+        if get_spec(name).source != "embedded":
+            continue
+        card = load_model_card(name)
+        if not card or "health" not in card:
+            continue
+        health, training = card["health"], card.get("training", {})
+        length = (f"{training['steps']} steps" if "steps" in training else
+                  f"{training['epochs']} epochs" if "epochs" in training else "")
+        rows.append({"backbone": name, "passed": bool(health.get("passed")),
+                     "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
+                     "criterion": health.get("criterion", ""), "training": length, "device": card.get("device", "")})
+    return pd.DataFrame(rows, columns=["backbone", "passed", "mean_auroc_gain", "criterion", "training", "device"])
 
 
 def extract_all(backbones: Mapping[str, Backbone], datasets: Mapping[str, ImageSet], *, image_size: int | None = None,
@@ -517,7 +542,7 @@ def _seg_jobs(backbones: Mapping[str, Backbone], heads: Sequence[str], scratch: 
 
 
 def _train_kwargs(p: Profile, device: str) -> dict[str, Any]:
-    return {"epochs": p.eval.seg_epochs, "batch_size": p.eval.finetune_batch_size,
+    return {"epochs": p.eval.seg_epochs, "batch_size": p.eval.seg_batch_size,
             "image_size": p.backbone.image_size, "device": device}
 
 
@@ -773,7 +798,7 @@ def plot_peft(table: pd.DataFrame, title: str):
 
 
 def plot_seg_few_shot(summary: pd.DataFrame, title: str, metric: str = "mean_dj"):
-    """One panel per data set: few-shot segmentation curves (mean and 95 % band) of every model."""
+    """One panel per data set: few-shot segmentation curves (mean and 95 % band, clipped to [0, 1]) of every model."""
     import matplotlib.pyplot as plt
 
     rows = summary[summary["metric"] == metric]
@@ -784,7 +809,7 @@ def plot_seg_few_shot(summary: pd.DataFrame, title: str, metric: str = "mean_dj"
         for model, group in rows[rows["dataset"] == dataset].groupby("model", sort=False):
             _curve(ax, group, pos, model)
         ax.set(title=f"{dataset}", xlabel="training images n", ylabel=f"test {metric.replace('_', ' ')}",
-               xticks=range(len(order)), xticklabels=[str(n) for n in order])
+               xticks=range(len(order)), xticklabels=[str(n) for n in order], ylim=(0, 1))  # bands clipped
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
@@ -815,7 +840,7 @@ __all__ = [
     "BenchmarkDataset", "DINOV2_ARCHS", "FewShotTables", "PUBLISHED_FEW_SHOT_NIH", "PUBLISHED_SEG_MONTGOMERY",
     "PeftTables", "SCRATCH", "SEG_HEADS", "STUDY1_DATASETS", "SegTables", "cap_train", "describe_datasets",
     "equal_step_epochs", "extract_all", "few_shot_probe", "few_shot_sizes", "few_shot_table", "few_shot_vs_paper",
-    "headline_table", "knn_scores", "knn_table", "load_backbones", "load_datasets", "make_splits",
+    "headline_table", "knn_scores", "knn_table", "load_backbones", "load_datasets", "make_splits", "model_card_health",
     "parameter_share_table", "peft_table", "plot_few_shot", "plot_heatmap", "plot_peft", "plot_seg_few_shot",
     "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
