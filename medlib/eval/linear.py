@@ -222,6 +222,18 @@ def _per_label(task: str, y: np.ndarray, proba: np.ndarray, names: list[str]) ->
     return auroc_per_label(y, proba, names)
 
 
+def _check_inputs(train: FeatureSet, val: FeatureSet | None, test: FeatureSet | None, select_on: str,
+                  probe: str) -> None:
+    """Validate a probe's inputs: a val set (B5), a known selection metric, a trainable task, matching features."""
+    _check_val(val, probe)
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
+    _check_task(train, "train")
+    for role, other in (("val", val), ("test", test)):
+        if other is not None:
+            _check_compatible(train, other, role)
+
+
 def _check_val(val: FeatureSet | None, probe: str) -> None:
     if val is None:
         raise ValueError(f"{probe} needs a validation set to choose its configuration; it never selects on the "
@@ -260,13 +272,7 @@ def linear_probe(train: FeatureSet, val: FeatureSet | None, test: FeatureSet | N
     ``refit=False`` tests the chosen grid head as trained on train alone (few-shot runs: the
     validation images must never be trained on).
     """
-    _check_val(val, "linear_probe")
-    if select_on not in SELECT_ON:
-        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
-    _check_task(train, "train")
-    for role, other in (("val", val), ("test", test)):
-        if other is not None:
-            _check_compatible(train, other, role)
+    _check_inputs(train, val, test, select_on, "linear_probe")
     lrs, epochs = _resolve(profile, lrs, epochs)
     configs, dropped = probe_grid(train.n_layers, lrs, n_blocks, avgpool)
     options = dict(epochs=epochs, batch_size=batch_size, iterations_per_epoch=iterations_per_epoch, seed=seed,
@@ -360,13 +366,7 @@ def logistic_regression_probe(train: FeatureSet, val: FeatureSet | None, test: F
                               avgpool: bool = False, normalize: bool = True, max_iter: int = 1000,
                               select_on: str = "auroc", refit: bool = True) -> ProbeResult:
     """L2 logistic regression on (L2-normalised) CLS features, C chosen on val, refit on train+val, tested once."""
-    _check_val(val, "logistic_regression_probe")
-    if select_on not in SELECT_ON:
-        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
-    _check_task(train, "train")
-    for role, other in (("val", val), ("test", test)):
-        if other is not None:
-            _check_compatible(train, other, role)
+    _check_inputs(train, val, test, select_on, "logistic_regression_probe")
     from sklearn.exceptions import ConvergenceWarning
 
     grid_cs = c_grid(n_c) if cs is None else np.asarray(cs, dtype=np.float64)

@@ -35,20 +35,12 @@ def extract_cls(model: torch.nn.Module, images: np.ndarray, size: int, device: s
 
 def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
                n_classes: int) -> dict[str, float]:
-    """Accuracy and (macro one-vs-rest) AUROC of the weighted-vote kNN."""
-    from sklearn.metrics import roc_auc_score
-
+    """Accuracy and macro one-vs-rest AUROC (plain AUROC for two classes) of the weighted-vote kNN."""
     from ..eval.knn import knn_predict_proba
+    from ..eval.metrics import multiclass_accuracy, multiclass_auroc
 
     proba = knn_predict_proba(train, train_labels, test, n_classes, k=KNN_K, temperature=KNN_T)
-    accuracy = float((proba.argmax(1) == test_labels).mean())
-    if n_classes == 2:
-        auroc = roc_auc_score(test_labels, proba[:, 1])
-    else:
-        present = np.unique(test_labels)
-        auroc = roc_auc_score(test_labels, proba[:, present] / proba[:, present].sum(1, keepdims=True),
-                              multi_class="ovr", labels=present)
-    return {"accuracy": accuracy, "auroc": float(auroc)}
+    return {"accuracy": multiclass_accuracy(test_labels, proba), "auroc": multiclass_auroc(test_labels, proba)}
 
 
 def health_tasks(profile: Profile, size: int) -> dict:
