@@ -90,6 +90,9 @@ def test_smoke_build_path_writes_loadable_weights_and_cards():
         assert "health" in card and set(card["health"]["tasks"]) == {"ct_organ", "knee_acl", "breast_us_malignant", "natural_class"}
         bb = create_backbone(name)
         assert bb.features(torch.rand(1, 3, 32, 32))["cls"].shape == (1, 48)
+        if name.startswith("ssl-"):  # loss curves travel with the card (notebook 03 plots them)
+            curve = card["training"]["history_sampled"]
+            assert curve["step"][-1] == card["training"]["steps"] - 1 and len(curve["loss"]) == len(curve["step"])
     # a second call is a no-op (up to date)
     assert build("ssl-natural-vit-smoke", "smoke", device="cpu", progress=False) == weights.parent / "ssl-natural-vit-smoke.safetensors"
 
@@ -99,3 +102,19 @@ def test_names_and_profiles_are_checked():
         split_name("dinov2-vit-s14")
     with pytest.raises(ValueError, match="builds"):
         build("ssl-natural-vit-tiny", "smoke")
+
+
+def test_sampled_history_keeps_ends_and_probe_rows():
+    import numpy as np
+    import pandas as pd
+
+    from medlib.models.build import _sampled_history
+
+    history = pd.DataFrame({"step": np.arange(1000), "loss": np.linspace(10, 5, 1000), "collapse": [""] * 1000,
+                            "health_knn_auroc_gain": [0.05 if s == 333 else np.nan for s in range(1000)]})
+    out = _sampled_history(history, n_points=10)
+    assert out["step"][0] == 0 and out["step"][-1] == 999 and 333 in out["step"] and 100 in out["step"]
+    assert "collapse" not in out and len(out["step"]) == 12
+    assert out["health_knn_auroc_gain"][out["step"].index(333)] == 0.05 and out["health_knn_auroc_gain"][0] is None
+    assert out["loss"][0] == 10.0
+    assert _sampled_history(pd.DataFrame()) == {}

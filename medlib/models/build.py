@@ -170,6 +170,25 @@ def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progr
     return result.teacher, info
 
 
+def _sampled_history(history: "pd.DataFrame", n_points: int = 100) -> dict[str, list]:  # noqa: F821
+    """Loss terms, schedules and probe scores at about ``n_points`` steps (always the probe rows), for the card."""
+    if history.empty:
+        return {}
+    every = max(1, len(history) // n_points)
+    probed = history["health_knn_auroc_gain"].notna() if "health_knn_auroc_gain" in history else False
+    keep = history[(history["step"] % every == 0) | (history["step"] == history["step"].max()) | probed]
+    columns = [c for c in keep.columns if c != "collapse" and keep[c].dtype.kind in "fiub"]
+    return {c: [None if v != v else round(float(v), 5) for v in keep[c]] for c in columns}
+
+
+def _latest_history(work_dir: Path) -> dict[str, list]:
+    """``_sampled_history`` of the most recent SSL run under ``work_dir`` (its ``history.csv``)."""
+    import pandas as pd
+
+    runs = sorted(work_dir.glob("*/history.csv"), key=lambda f: f.stat().st_mtime)
+    return _sampled_history(pd.read_csv(runs[-1])) if runs else {}
+
+
 def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool) -> tuple[torch.nn.Module, dict]:
     import timm
 
@@ -229,6 +248,7 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     work_dir = cache_dir() / "build" / name  # resumable: each SSL run has its own sub-folder
     if recipe.kind == "ssl":
         model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
+        info.setdefault("history_sampled", _latest_history(work_dir))  # loss curves for the notebooks
     else:
         model, info = _build_supervised(recipe, suffix, p, device, progress)
     wall = time.perf_counter() - start
