@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the phantom and SSL benchmarks (GPU when present) and write their results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="reports/bench")
-    parser.add_argument("--only", nargs="*", choices=["phantoms", "ssl", "stats"],
-                        default=["phantoms", "ssl", "stats"])
+    parser.add_argument("--only", nargs="*", choices=["phantoms", "ssl", "stats", "features"],
+                        default=["phantoms", "ssl", "stats", "features"])
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench_ssl
 
         results["ssl"] = bench_ssl.main()
+    if "features" in args.only:
+        from . import bench_features
+
+        results["features"] = bench_features.main()
     if "stats" in args.only:
         from . import bench_stats
 
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## DINOv2-recipe training", ""] + [f"- {k}: {v}" for k, v in results["ssl"].items()]
     if "stats" in results:
         lines += ["", "## Paired bootstrap (study 2)", ""] + [f"- {k}: {v}" for k, v in results["stats"].items()]
+    if "features" in results:
+        df = pd.DataFrame(results["features"]).T.reset_index().rename(columns={"index": "model"})
+        lines += ["", "## Feature extraction (study 1): end to end vs model-only ceiling vs naive PIL/fp32 loader", "",
+                  to_markdown(df), ""]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
