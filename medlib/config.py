@@ -100,6 +100,90 @@ class EvalConfig:
     seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (seed 002)
     seg_batch_size: int = 8  # segmentation batch (not given by seed 002; small batches give more steps)
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
+    # study 2 (seed 003): initialisations compared by full fine-tuning (medlib.eval.initialisation); paper values
+    init_arms: tuple[str, ...] = ("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "sup-cxr-vit-tiny",
+                                  "efficientnet-lite0.in1k")  # SSL natural, sup. natural, sup. medical, CNN ref.
+    init_sites: tuple[int, ...] = (0, 1, 2, 3, 4)  # chest phantom sites = the paper's data sets (never site 5)
+    init_images: tuple[int, ...] = (1500, 6000, 3000, 4000, 5000)  # phantom images per site (sizes differ)
+    init_epochs: int = 100  # seed 003: 100 epochs, AdamW, no weight decay
+    init_batch_size: int = 30  # seed 003: batch ~30
+    init_lr: float = 1e-5  # backbone learning rate (seed 003)
+    init_head_lr: float = 1e-5  # head learning rate (seed 003: one rate for the whole network)
+    init_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # data-size ablation (our assumption)
+    init_ablation_site: int = 1  # the site whose train split is subsampled
+    # study 3 (seed 001): 5-fold cross-validated fine-tuning grid (medlib.eval.crossval); paper values as defaults
+    cv_images: int = 0  # images per evaluation task (0 = data.n_per_dataset)
+    cv_epochs: int = 30  # fine-tuning epochs per fold (best val-loss epoch restored)
+    cv_lrs: tuple[float, ...] = (1e-5, 1e-6)  # learning-rate grid (seed 001)
+    cv_batch_sizes: tuple[int, ...] = (8, 16, 32)  # batch-size grid (seed 001)
+    cv_imagenet_cnn: str = "efficientnet-lite0.in1k"  # the "IN" baseline (paper: ResNet-50 ImageNet)
+    cv_medical_cnn: str = ""  # the "RIN" baseline; "" = build the medical-supervised CNN stand-in
+    cv_medical_images: int = 400  # images per phantom family to pre-train the stand-in on
+    cv_medical_epochs: int = 4  # epochs of that supervised pre-training
+    cv_ssl_vit: str = "ssl-natural-vit-tiny"  # the natural SSL ViT (paper: DINOv2 ViT-S/14)
+    cv_continued_suffix: str = "vit-tiny"  # continued SSL ViTs are ssl-us-<suffix> / ssl-knee-<suffix>
+    cv_ssl_fallback_steps: int = 0  # cap on the steps of a continuation run here when weights are missing (0 = recipe)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """DiNO-Diffusion (seed 000) sizes: LDM data, VAE, UNet, training, sampling and notebook 04's evaluations.
+
+    The paper gives none of these (protocols.md, seed 000: UNKNOWN); every value is our assumption,
+    scaled to the profile. Fields in ``medlib.diffusion.build.TRAIN_FIELDS`` shape the weights (recipe hash).
+    """
+
+    image_size: int = 64  # side of the generated images (pixels)
+    train_sites: tuple[int, ...] = (1, 2, 3, 4)  # chest-phantom sites the LDM trains on, unlabelled
+    n_per_site: int = 600  # phantoms per training site
+    heldout_fraction: float = 0.1  # patients held out of LDM training (FID reference, memorisation)
+    source_key: str = ""  # key of data.sources replacing the phantoms as unlabelled training data (paper)
+    encoder: str = "ssl-natural-vit-tiny"  # frozen condition backbone (paper: DINOv2 ViT-B/14 reg4)
+    encoder_image_size: int = 64
+    tokens: tuple[str, ...] = ("cls", "pooled", "registers")  # global tokens only
+    pretrained_vae: str = ""  # diffusers name of a frozen public VAE (paper: stabilityai/sd-vae-ft-mse); "" = train ours
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # x4 downsampling
+    vae_layers_per_block: int = 1
+    latent_channels: int = 4
+    vae_steps: int = 600  # tiny: ~0.56 s CPU per step on one core (measured)
+    vae_batch_size: int = 16
+    vae_lr: float = 5e-4
+    kl_weight: float = 1e-6
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_layers_per_block: int = 1
+    cross_attention_dim: int = 128
+    attention_head_dim: int = 32
+    ldm_steps: int = 1600  # tiny: ~0.75 s CPU per step on one core (measured); VAE + UNet <= ~30 min
+    ldm_batch_size: int = 32
+    ldm_lr: float = 3e-4
+    ldm_warmup_steps: int = 100
+    cond_dropout: float = 0.1  # condition -> null tokens during training (classifier-free guidance)
+    prediction_type: str = "epsilon"
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100
+    scheduler: str = "dpm++"  # sampler: "dpm++" or "ddim"
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # sweep at num_inference_steps
+    step_grid: tuple[int, ...] = (10, 20, 40)  # sweep at guidance_scale
+    n_show: int = 6  # conditioning images in the sample grids
+    seeds_per_image: int = 3  # reconstructions per conditioning image
+    n_interpolations: int = 3  # interpolation strips
+    interpolation_steps: int = 7  # images per strip (end points included)
+    manifold_k: int = 5  # neighbours mixed by manifold sampling
+    n_fid: int = 64  # generated (and real) images per FID / FD estimate
+    fid: bool = True  # Inception FID at the default sampling setting (slow on CPU)
+    fid_sweep: bool = False  # Inception FID for every sweep setting too (FD_SSL is always computed)
+    n_downstream: int = 0  # site-0 chest phantoms for augmentation / segmentation (0 = data.n_per_dataset)
+    aug_target: str = "cardiomegaly"  # binary finding of the augmentation study
+    aug_ns: tuple[int, ...] = (4, 16, 64)  # labelled real images per class
+    aug_synthetic_per_real: int = 1
+    aug_classifier: str = "efficientnet-lite0.in1k"
+    aug_epochs: int = 10  # epochs of the real-only arm; the other arms get as many optimiser steps
+    aug_lr: float = 1e-3
+    seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
+    n_attention: int = 8  # images whose cross-attention maps are scored
 
 
 @dataclass(frozen=True)
@@ -115,6 +199,7 @@ class Profile:
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available else cpu
     num_workers: int = 0
+    diffusion: DiffusionConfig = DiffusionConfig()
 
     def resolved_device(self) -> str:
         """The torch device string this profile runs on."""
@@ -141,7 +226,17 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(knn_ks=(5,), few_shot_ns=(1, 2), few_shot_repeats=2, probe_epochs=2,
                         probe_lrs=(1e-2,), finetune_epochs=1, finetune_batch_size=8, seg_epochs=1,
                         folds=2, bootstrap=50, batch_size=16, logreg_n_c=3, seg_images=24, seg_repeats=1,
-                        seg_lrs=(1e-1,)),
+                        init_images=(40, 48, 28, 32, 36), init_epochs=1, init_batch_size=8, init_lr=1e-4,
+                        init_head_lr=1e-3, init_fractions=(0.5, 1.0),
+                        seg_lrs=(1e-1,),
+                        cv_epochs=2, cv_lrs=(1e-4,), cv_batch_sizes=(8,), cv_medical_images=16, cv_medical_epochs=1),
+        diffusion=DiffusionConfig(image_size=32, n_per_site=16, encoder_image_size=32, vae_channels=(8, 16, 16),
+                                  vae_steps=3, vae_batch_size=8, unet_channels=(16, 32), cross_attention_dim=32,
+                                  attention_head_dim=8, ldm_steps=4, ldm_batch_size=8, ldm_warmup_steps=1,
+                                  checkpoint_every=2, num_inference_steps=4, guidance_scales=(1.0, 3.0),
+                                  step_grid=(2, 4), n_show=3, seeds_per_image=2, n_interpolations=1,
+                                  interpolation_steps=4, n_fid=12, fid=False, n_downstream=120, aug_target="no_finding",
+                                  aug_ns=(3,), aug_epochs=1, seg_train_images=12, n_attention=3),
     ),
     "tiny": Profile(
         name="tiny",
@@ -162,7 +257,13 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
                         probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
                         folds=5, bootstrap=1000, logreg_n_c=8, seg_images=80, seg_repeats=2, seg_lrs=(1e-1,),
-                        peft_train_images=160),
+                        init_images=(240, 480, 300, 360, 420), init_epochs=4, init_batch_size=32, init_lr=1e-4,
+                        init_head_lr=1e-3, init_fractions=(0.1, 0.3, 1.0),
+                        peft_train_images=160,
+                        # study 3: the paper's lr grid x100 (a few dozen steps per fold here, not 30 epochs)
+                        cv_images=100, cv_epochs=3, cv_lrs=(1e-4, 1e-3), cv_batch_sizes=(16,),
+                        cv_medical_images=200, cv_medical_epochs=3, cv_ssl_fallback_steps=12),
+        diffusion=DiffusionConfig(),  # the defaults: sized for a 2-core CPU build (~30 min) and notebook
     ),
     "gpu": Profile(
         name="gpu",
@@ -177,8 +278,23 @@ _PROFILES: dict[str, Profile] = {
                       n_prototypes=16384, head_hidden=2048, head_bottleneck=256, drop_path=0.3,
                       teacher_temp_warmup_steps=1200, freeze_last_layer_steps=400, checkpoint_every=500),
         eval=EvalConfig(few_shot_repeats=5, probe_epochs=10, finetune_epochs=20, finetune_batch_size=64,
-                        seg_epochs=10, batch_size=256),
+                        init_arms=("ssl-natural-vit-s14", "sup-natural-vit-s14", "sup-cxr-vit-s14",
+                                   "efficientnet-lite0.in1k"),
+                        init_images=(1000, 4000, 2000, 2500, 3000), init_epochs=8, init_batch_size=64,
+                        init_lr=5e-5, init_head_lr=1e-3, init_fractions=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+                        seg_epochs=10, batch_size=256,
+                        cv_images=800, cv_epochs=10, cv_lrs=(1e-5, 1e-4), cv_batch_sizes=(32,),
+                        cv_medical_images=2000, cv_medical_epochs=5, cv_ssl_vit="ssl-natural-vit-s14",
+                        cv_continued_suffix="vit-s14"),
         num_workers=8,
+        diffusion=DiffusionConfig(image_size=128, n_per_site=2000, encoder="ssl-natural-vit-s14",
+                                  encoder_image_size=224, vae_channels=(64, 128, 128), vae_steps=3000,
+                                  vae_batch_size=32, unet_channels=(64, 128, 256), unet_layers_per_block=2,
+                                  cross_attention_dim=256, ldm_steps=8000, ldm_batch_size=64, ldm_lr=2e-4,
+                                  ldm_warmup_steps=400, ema_decay=0.999, checkpoint_every=1000,
+                                  guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 20, 50), n_show=8,
+                                  n_fid=1000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
+                                  aug_epochs=20, seg_train_images=400, n_attention=32),
     ),
     "paper": Profile(
         name="paper",
@@ -199,8 +315,19 @@ _PROFILES: dict[str, Profile] = {
                       base_lr=2e-4, n_prototypes=65536, head_hidden=2048, head_bottleneck=256, drop_path=0.4,
                       teacher_momentum=(0.994, 1.0), weight_decay=(0.04, 0.2), vertical_flip=True,
                       teacher_temp_warmup_steps=3000, freeze_last_layer_steps=100, checkpoint_every=1000),
-        eval=EvalConfig(probe_epochs=10, finetune_epochs=30, finetune_batch_size=32, seg_epochs=10, batch_size=256),
+        eval=EvalConfig(probe_epochs=10, finetune_epochs=30, finetune_batch_size=32, seg_epochs=10, batch_size=256,
+                        init_arms=("dinov2-vit-b14", "vit-b16-in21k", "vit-b16-mimic-cxr"),
+                        cv_imagenet_cnn="resnet50-in1k", cv_medical_cnn="radimagenet-resnet50",
+                        cv_ssl_vit="dinov2-vit-s14", cv_continued_suffix="vit-s14"),
         num_workers=8,
+        diffusion=DiffusionConfig(image_size=256, source_key="cxr_multilabel", encoder="dinov2-vit-b14-reg4",
+                                  encoder_image_size=224, pretrained_vae="stabilityai/sd-vae-ft-mse",
+                                  unet_channels=(128, 256, 512), unet_layers_per_block=2, cross_attention_dim=768,
+                                  attention_head_dim=64, ldm_steps=50000, ldm_batch_size=128, ldm_lr=1e-4,
+                                  ldm_warmup_steps=1000, ema_decay=0.9999, checkpoint_every=2000,
+                                  guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 25, 50), n_show=8,
+                                  n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
+                                  aug_epochs=30, seg_train_images=400, n_attention=32),
     ),
 }
 

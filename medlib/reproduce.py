@@ -89,6 +89,9 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
         if run.status != "ok" and not keep_going:
             break
     write_index(profile, runs)
+    from .summary_page import write_summary  # the cross-study page a reader opens first
+
+    print(f"[reproduce:{profile}] summary -> {write_summary(profile)}", flush=True)
     return runs
 
 

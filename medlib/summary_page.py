@@ -1,0 +1,205 @@
+"""The cross-study summary page: ``reports/<profile>/summary.md`` and ``summary.html``, the page a reader opens first.
+
+It gathers, for every study notebook, every reproduced table that has a published column
+(a column named ``published`` or ``paper``, or ending in ``(published)``: the tables made with
+:func:`medlib.reporting.paper_vs_ours` and the claims tables), the notebook's figures
+(``figures/NN_*_<profile>.png``), each linked to the notebook's executed HTML report, the run
+status of each notebook, and the assumptions the notebooks state in their "Our assumptions, in
+one place" paragraph. The page states the profile
+first, so nobody mistakes a phantom number for a reproduction on real data.
+
+Markdown is rendered with the ``markdown`` package when it is installed, else with ``mistune``
+(which Jupyter's nbconvert ships).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .cache import atomic_path, git_commit
+from .config import Profile, figures_dir, get_profile, repo_root, reports_dir
+
+#: a column of published figures: "published" / "paper" (as reporting.paper_vs_ours writes), or "... (published)"
+PAPER_COLUMN = re.compile(r"^(published|paper)$|\((published|paper)\)$", re.IGNORECASE)
+_ASSUMPTIONS = re.compile(r"our assumptions?,? in one place", re.IGNORECASE)
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; line-height: 1.45; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.85em; display: block; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #ddd; }
+code { background: #f5f5f5; padding: 0 0.2em; }
+.profile { background: #fff6dd; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
+"""
+
+
+@dataclass
+class StudySection:
+    """One notebook's part of the page: its title, report, status, paper tables, figures and assumptions."""
+
+    number: str
+    stem: str
+    title: str
+    html: Path | None
+    status: str
+    wall_time_s: float | None
+    tables: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    assumptions: str = ""
+
+
+def has_paper_column(table_csv: Path) -> bool:
+    """Whether a saved table (its ``.csv``) has a column of published figures (see :data:`PAPER_COLUMN`)."""
+    try:
+        columns = pd.read_csv(table_csv, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as err:
+        raise ValueError(f"cannot read the header of table {table_csv}: {err}") from err
+    return any(PAPER_COLUMN.search(str(c).strip()) for c in columns)
+
+
+def notebook_title(py_path: Path) -> str:
+    """The first markdown heading of a jupytext percent notebook (``# # 01 - ...``), or its file stem."""
+    for line in py_path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^#\s+#\s+(.+)$", line)
+        if match:
+            return match.group(1).strip()
+    return py_path.stem
+
+
+def notebook_assumptions(py_path: Path) -> str:
+    """The notebook's "Our assumptions, in one place" paragraph (markdown, comment marks removed), or ""."""
+    lines = [line[2:] if line.startswith("# ") else ("" if line.strip() == "#" else None)
+             for line in py_path.read_text(encoding="utf-8").splitlines()]
+    for i, line in enumerate(lines):
+        if line is not None and _ASSUMPTIONS.search(line):
+            paragraph = []
+            for text in lines[i:]:
+                if not text:  # a blank markdown line or code ends the paragraph
+                    break
+                paragraph.append(text)
+            return " ".join(paragraph).strip()
+    return ""
+
+
+def _runs(profile: Profile) -> dict[str, dict]:
+    path = reports_dir(profile) / "runs.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run `make reproduce`") from err
+
+
+def collect_sections(profile: str | Profile, notebooks_dir: Path | None = None) -> list[StudySection]:
+    """One section per notebook ``NN_name.py`` (and per table / figure number without a notebook), in order."""
+    p = get_profile(profile)
+    out_dir = reports_dir(p)
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else repo_root() / "notebooks"
+    runs = _runs(p)
+    tables_dir = out_dir / "tables"
+    tables = sorted(t for t in tables_dir.glob("[0-9][0-9]_*.csv") if has_paper_column(t)) if tables_dir.is_dir() \
+        else []
+    figures = sorted(figures_dir().glob(f"[0-9][0-9]_*_{p.name}.png"))
+    notebooks = {path.stem[:2]: path for path in sorted(notebooks_dir.glob("[0-9][0-9]_*.py"))}
+    numbers = sorted(set(notebooks) | {t.name[:2] for t in tables} | {f.name[:2] for f in figures})
+    sections = []
+    for number in numbers:
+        py = notebooks.get(number)
+        stem = py.stem if py is not None else number
+        run = runs.get(stem, {})
+        report = out_dir / f"{stem}.html"
+        sections.append(StudySection(
+            number=number, stem=stem, title=notebook_title(py) if py is not None else f"notebook {number}",
+            html=report if report.is_file() else None, status=str(run.get("status", "not run")),
+            wall_time_s=run.get("wall_time_s"),
+            tables=[t for t in tables if t.name.startswith(f"{number}_")],
+            figures=[f for f in figures if f.name.startswith(f"{number}_")],
+            assumptions=notebook_assumptions(py) if py is not None else ""))
+    return sections
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None) -> str:
+    """The summary page as markdown (see the module docstring for what it holds)."""
+    p = get_profile(profile)
+    out_dir = reports_dir(p)
+    sections = collect_sections(p, notebooks_dir)
+    embedded = p.name != "paper"
+    lines = [f"# Summary of the four studies - profile `{p.name}`", "",
+             f'<div class="profile"><b>Profile <code>{p.name}</code></b>: {html.escape(p.description)}. '
+             f"Seed {p.seed}; backbones at {p.backbone.image_size} px; data: "
+             + ("procedural phantoms and self-trained stand-in backbones (embedded), so the <i>ours</i> columns "
+                "are <b>not</b> reproductions of the papers' numbers: compare which method wins and how curves "
+                "move, not levels." if embedded else
+                "the real data sets and weights named in the profile's sources.")
+             + f" Commit <code>{git_commit()}</code>, written {time.strftime('%Y-%m-%d %H:%M')}.</div>", "",
+             "Each table below sets our figure (`ours`) beside the published one (`published`), measured on the "
+             "profile above. Each figure links to the executed notebook that made it.", "",
+             "| notebook | status | wall time (s) | report |", "|---|---|---|---|"]
+    for s in sections:
+        link = f"[{s.html.name}]({_rel(s.html, out_dir)})" if s.html else "-"
+        wall = f"{s.wall_time_s:.1f}" if isinstance(s.wall_time_s, (int, float)) else "-"
+        lines.append(f"| {s.title} | {s.status} | {wall} | {link} |")
+    for s in sections:
+        lines += ["", f"## {s.title}", ""]
+        if s.html:
+            lines += [f"Executed notebook: [{s.html.name}]({_rel(s.html, out_dir)}).", ""]
+        if not s.tables and not s.figures:
+            lines += ["No table with published figures and no figure for this profile yet.", ""]
+        for table in s.tables:
+            md = table.with_suffix(".md")
+            body = md.read_text(encoding="utf-8").strip() if md.is_file() else "(markdown version missing)"
+            lines += [f"### {table.stem}", "", f"Table [{md.name}]({_rel(md, out_dir)}), profile `{p.name}`.", "",
+                      body, ""]
+        if s.figures:
+            lines += ["### Figures", ""]
+            for fig in s.figures:
+                target = _rel(s.html, out_dir) if s.html else _rel(fig, out_dir)
+                lines += [f"[![{fig.stem}]({_rel(fig, out_dir)})]({target})", "", f"*{fig.stem}*", ""]
+        if s.assumptions:
+            lines += ["### Assumptions stated in the notebook", "", s.assumptions, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_markdown(text: str) -> str:
+    """Markdown to an HTML fragment: the ``markdown`` package if installed, else ``mistune`` (Jupyter's)."""
+    try:
+        import markdown
+    except ImportError:
+        import mistune
+
+        return mistune.create_markdown(escape=False, plugins=["table"])(text)
+    return markdown.markdown(text, extensions=["tables"])
+
+
+def write_summary(profile: str | Profile, notebooks_dir: Path | None = None) -> Path:
+    """Write ``reports/<profile>/summary.md`` and ``summary.html``; return the HTML path."""
+    p = get_profile(profile)
+    out_dir = reports_dir(p)
+    text = summary_markdown(p, notebooks_dir)
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>Summary - profile {html.escape(p.name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"{render_markdown(text)}\n</body>\n</html>\n")
+    out = out_dir / "summary.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out
+
+
+__all__ = ["StudySection", "collect_sections", "has_paper_column", "notebook_assumptions", "notebook_title",
+           "render_markdown", "summary_markdown", "write_summary"]
