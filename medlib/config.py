@@ -180,7 +180,8 @@ class DiffusionConfig:
     aug_ns: tuple[int, ...] = (4, 16, 64)  # labelled real images per class
     aug_synthetic_per_real: int = 1
     aug_classifier: str = "efficientnet-lite0.in1k"
-    aug_epochs: int = 10  # epochs of the real-only arm; the other arms get as many optimiser steps
+    aug_epochs: int = 8  # epochs of the real-only arm; the other arms get as many optimiser steps
+    aug_repeats: int = 3  # redraws of the real images + training seed (one run's AUROC is noisy at small n)
     aug_lr: float = 1e-3
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
     n_attention: int = 8  # images whose cross-attention maps are scored
@@ -236,7 +237,7 @@ _PROFILES: dict[str, Profile] = {
                                   checkpoint_every=2, num_inference_steps=4, guidance_scales=(1.0, 3.0),
                                   step_grid=(2, 4), n_show=3, seeds_per_image=2, n_interpolations=1,
                                   interpolation_steps=4, n_fid=12, fid=False, n_downstream=120, aug_target="no_finding",
-                                  aug_ns=(3,), aug_epochs=1, seg_train_images=12, n_attention=3),
+                                  aug_ns=(3,), aug_epochs=1, aug_repeats=2, seg_train_images=12, n_attention=3),
     ),
     "tiny": Profile(
         name="tiny",
@@ -261,7 +262,7 @@ _PROFILES: dict[str, Profile] = {
                         init_head_lr=1e-3, init_fractions=(0.1, 0.3, 1.0),
                         peft_train_images=160,
                         # study 3: the paper's lr grid x100 (a few dozen steps per fold here, not 30 epochs)
-                        cv_images=100, cv_epochs=3, cv_lrs=(1e-4, 1e-3), cv_batch_sizes=(16,),
+                        cv_images=80, cv_epochs=3, cv_lrs=(1e-4, 1e-3), cv_batch_sizes=(16,),
                         cv_medical_images=200, cv_medical_epochs=3, cv_ssl_fallback_steps=12),
         diffusion=DiffusionConfig(),  # the defaults: sized for a 2-core CPU build (~30 min) and notebook
     ),
@@ -294,7 +295,7 @@ _PROFILES: dict[str, Profile] = {
                                   ldm_warmup_steps=400, ema_decay=0.999, checkpoint_every=1000,
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 20, 50), n_show=8,
                                   n_fid=1000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
-                                  aug_epochs=20, seg_train_images=400, n_attention=32),
+                                  aug_epochs=20, aug_repeats=5, seg_train_images=400, n_attention=32),
     ),
     "paper": Profile(
         name="paper",
@@ -327,7 +328,7 @@ _PROFILES: dict[str, Profile] = {
                                   ldm_warmup_steps=1000, ema_decay=0.9999, checkpoint_every=2000,
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 25, 50), n_show=8,
                                   n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
-                                  aug_epochs=30, seg_train_images=400, n_attention=32),
+                                  aug_epochs=30, aug_repeats=5, seg_train_images=400, n_attention=32),
     ),
 }
 

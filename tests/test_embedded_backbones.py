@@ -18,6 +18,8 @@ KNOWN_UNHEALTHY = {
     "ssl-natural-vit-tiny": "mean kNN AUROC gain -0.056 (CT organ +0.031, breast US -0.188, knee -0.057, natural -0.010)",
     "sup-natural-vit-tiny": "mean kNN AUROC gain -0.008 (natural +0.241 on its own task, phantoms negative)",
     "sup-cxr-vit-tiny": "mean kNN AUROC gain -0.025",
+    "ssl-us-vit-tiny": "mean kNN AUROC gain -0.028 (238 continued steps; breast US 0.763 vs the parent's 0.625, "
+                       "random init 0.822)",
 }
 
 
