@@ -96,13 +96,22 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
 
 
 def write_index(profile: str, runs: list[NotebookRun]) -> Path:
-    """A small ``reports/<profile>/index.md`` listing each notebook's status and tables."""
+    """A small ``reports/<profile>/index.md``: each notebook's latest run (this call's, else ``runs.json``) and tables."""
+    import json
+
     out_dir = reports_dir(profile)
     lines = [f"# Reports - profile `{profile}`", "", f"{get_profile(profile).description}", "",
-             "| notebook | status | wall time (s) | html |", "|---|---|---|---|"]
-    for run in runs:
-        html = run.html.name if run.html else "-"
-        lines.append(f"| {run.notebook} | {run.status} | {run.wall_time_s:.1f} | [{html}]({html}) |")
+             "| notebook | status | wall time (s) | run at | html |", "|---|---|---|---|---|"]
+    records = json.loads((out_dir / "runs.json").read_text()) if (out_dir / "runs.json").exists() else {}
+    latest = {name: (rec.get("status", "?"), float(rec.get("wall_time_s", float("nan"))), rec.get("created", ""))
+              for name, rec in records.items()}
+    latest.update({run.notebook: (run.status, run.wall_time_s, latest.get(run.notebook, ("", 0, ""))[2])
+                   for run in runs})
+    for name in sorted(latest):
+        status, wall, when = latest[name]
+        html = out_dir / f"{name}.html"
+        link = f"[{html.name}]({html.name})" if html.exists() else "-"
+        lines.append(f"| {name} | {status} | {wall:.1f} | {when} | {link} |")
     tables = sorted((out_dir / "tables").glob("*.md")) if (out_dir / "tables").exists() else []
     if tables:
         lines += ["", "## Tables", ""] + [f"- [{t.stem}](tables/{t.name})" for t in tables]

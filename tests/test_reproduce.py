@@ -60,3 +60,18 @@ def test_discover_notebooks_filters_and_complains(nb_dir):
 def test_main_rejects_unknown_profiles():
     with pytest.raises(SystemExit):
         reproduce.main(["--profile", "huge"])
+
+
+def test_index_lists_earlier_runs_of_the_profile_beside_this_one(nb_dir, tmp_path):
+    from medlib.reporting import write_run_record
+
+    write_run_record("smoke", "00_datasets", 12.5, "ok")
+    out = tmp_path / "reports" / "smoke"
+    (out / "00_datasets.html").write_text("<html></html>")
+    run = reproduce.NotebookRun(notebook="01_bench", status="failed", wall_time_s=3.0, output=out / "01_bench.ipynb",
+                                html=None, error="cell 3")
+    text = reproduce.write_index("smoke", [run]).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 0")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 00_datasets | ok | 12.5 |") and "[00_datasets.html](00_datasets.html)" in rows[0]
+    assert rows[1].startswith("| 01_bench | failed | 3.0 |") and rows[1].endswith("| - |")
