@@ -7,12 +7,12 @@ STAMP := $(VENV)/.setup-stamp
 KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: setup reproduce test test-fast bench lab sync notebooks backbones clean help
+.PHONY: setup reproduce test test-fast bench lab sync notebooks backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
 	@echo "make test                                      unit + integration + nbval tests"
-	@echo "make setup | bench | lab | sync | backbones | clean"
+	@echo "make setup | bench | lab | sync | backbones | ldm | clean"
 
 # setup is idempotent: it reruns only when pyproject.toml changes (or .venv is missing).
 setup: $(STAMP)
@@ -54,6 +54,10 @@ notebooks: setup
 
 backbones: setup
 	$(PY) -m medlib.models build all --profile $(PROFILE)
+
+# the DiNO-Diffusion LDM (VAE + UNet) of notebook 04; resumable: rerun continues an interrupted build
+ldm: setup
+	$(PY) -m medlib.diffusion build --profile $(PROFILE)
 
 clean:
 	rm -rf .cache reports/smoke reports/tiny reports/gpu reports/paper

@@ -141,7 +141,7 @@ class DiffusionConfig:
     encoder: str = "ssl-natural-vit-tiny"  # frozen condition backbone (paper: DINOv2 ViT-B/14 reg4)
     encoder_image_size: int = 64
     tokens: tuple[str, ...] = ("cls", "pooled", "registers")  # global tokens only
-    pretrained_vae: str = ""  # diffusers name of a frozen public VAE (paper: stabilityai/sd-vae-ft-mse); "" = train ours
+    pretrained_vae: str = ""  # frozen public diffusers VAE (paper: stabilityai/sd-vae-ft-mse); "" = train ours
     vae_channels: tuple[int, ...] = (32, 64, 64)  # x4 downsampling
     vae_layers_per_block: int = 1
     latent_channels: int = 4
@@ -180,7 +180,8 @@ class DiffusionConfig:
     aug_ns: tuple[int, ...] = (4, 16, 64)  # labelled real images per class
     aug_synthetic_per_real: int = 1
     aug_classifier: str = "efficientnet-lite0.in1k"
-    aug_epochs: int = 8  # epochs of the real-only arm; the other arms get as many optimiser steps
+    aug_steps: int = 40  # optimiser steps of every classifier run, whatever its n and arm (last step kept)
+    aug_batch_size: int = 16
     aug_repeats: int = 3  # redraws of the real images + training seed (one run's AUROC is noisy at small n)
     aug_lr: float = 1e-3
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
@@ -237,7 +238,8 @@ _PROFILES: dict[str, Profile] = {
                                   checkpoint_every=2, num_inference_steps=4, guidance_scales=(1.0, 3.0),
                                   step_grid=(2, 4), n_show=3, seeds_per_image=2, n_interpolations=1,
                                   interpolation_steps=4, n_fid=12, fid=False, n_downstream=120, aug_target="no_finding",
-                                  aug_ns=(3,), aug_epochs=1, aug_repeats=2, seg_train_images=12, n_attention=3),
+                                  aug_ns=(3,), aug_steps=2, aug_batch_size=4, aug_repeats=2, seg_train_images=12,
+                                  n_attention=3),
     ),
     "tiny": Profile(
         name="tiny",
@@ -295,7 +297,8 @@ _PROFILES: dict[str, Profile] = {
                                   ldm_warmup_steps=400, ema_decay=0.999, checkpoint_every=1000,
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 20, 50), n_show=8,
                                   n_fid=1000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
-                                  aug_epochs=20, aug_repeats=5, seg_train_images=400, n_attention=32),
+                                  aug_steps=300, aug_batch_size=32, aug_repeats=5, seg_train_images=400,
+                                  n_attention=32),
     ),
     "paper": Profile(
         name="paper",
@@ -328,7 +331,8 @@ _PROFILES: dict[str, Profile] = {
                                   ldm_warmup_steps=1000, ema_decay=0.9999, checkpoint_every=2000,
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 25, 50), n_show=8,
                                   n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
-                                  aug_epochs=30, aug_repeats=5, seg_train_images=400, n_attention=32),
+                                  aug_steps=500, aug_batch_size=32, aug_repeats=5, seg_train_images=400,
+                                  n_attention=32),
     ),
 }
 

@@ -89,7 +89,8 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"resize_images: expected uint8 (N, H, W) or (N, H, W, 3), got {arr.dtype} {arr.shape}.")
     if arr.shape[1] == size and arr.shape[2] == size:
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr)).float()
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).float()  # memory maps are read-only
     t = t[:, None] if arr.ndim == 3 else t.permute(0, 3, 1, 2)
     out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     out = out.round().clamp(0, 255).to(torch.uint8)
