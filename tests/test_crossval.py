@@ -292,11 +292,13 @@ def test_built_weights_in_the_cache_are_used_with_their_card_curves(tmp_path, mo
     monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path))
     monkeypatch.delenv("MEDLIB_WEIGHTS_DIR", raising=False)
     folder = tmp_path / "backbones"
-    save_weights(create_backbone("random-vit-tiny").model, folder / "ssl-knee-vit-tiny.safetensors")
+    # the smoke architecture is never committed, so its weights can only come from the cache
+    smoke_arch = override(get_profile("smoke"), **{"eval.cv_continued_suffix": "vit-smoke"})
+    save_weights(create_backbone("random-vit-smoke").model, folder / "ssl-knee-vit-smoke.safetensors")
     card = {"training": {"steps": 3, "history_sampled": {"step": [0, 1, 2], "loss": [9.0, 8.5, 8.2],
                                                          "koleo_loss": [0.1, 0.0, -0.1]}}}
-    (folder / "ssl-knee-vit-tiny.json").write_text(json.dumps(card))
-    found = cv.continued_backbone("knee", "smoke", device="cpu", progress=False, fallback=False)
+    (folder / "ssl-knee-vit-smoke.json").write_text(json.dumps(card))
+    found = cv.continued_backbone("knee", smoke_arch, device="cpu", progress=False, fallback=False)
     assert found.source == "cache" and "3 SSL steps" in found.message
     assert found.backbone is not None and found.backbone.image_size == get_profile("smoke").backbone.image_size
     assert list(found.history["loss"]) == [9.0, 8.5, 8.2]
