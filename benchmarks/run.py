@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the phantom and SSL benchmarks (GPU when present) and write their results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="reports/bench")
-    parser.add_argument("--only", nargs="*", choices=["phantoms", "ssl", "stats", "features"],
-                        default=["phantoms", "ssl", "stats", "features"])
+    parser.add_argument("--only", nargs="*", choices=["phantoms", "ssl", "stats", "features", "diffusion"],
+                        default=["phantoms", "ssl", "stats", "features", "diffusion"])
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench_features
 
         results["features"] = bench_features.main()
+    if "diffusion" in args.only:
+        from . import bench_diffusion
+
+        results["diffusion"] = bench_diffusion.main()
     if "stats" in args.only:
         from . import bench_stats
 
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         df = pd.DataFrame(results["features"]).T.reset_index().rename(columns={"index": "model"})
         lines += ["", "## Feature extraction (study 1): end to end vs model-only ceiling vs naive PIL/fp32 loader", "",
                   to_markdown(df), ""]
+    if "diffusion" in results:
+        lines += ["", "## DiNO-Diffusion UNet (study 4): ours vs the diffusers-example default", ""] + [
+            f"- {k}: {v}" for k, v in results["diffusion"].items()]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
