@@ -60,16 +60,16 @@ from ..config import Profile, get_profile
 from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.sources import load_source
-from ..data.splits import class_membership, iterative_stratification, patient_split
+from ..data.splits import class_membership, iterative_stratification
 from ..data.transforms import ClassificationTransform
 from ..models.backbones import (Backbone, BackboneSpec, WeightsNotFoundError, backbone_info, create_backbone,
                                 get_spec, load_model_card)
 from ..models.heads import LinearHead
 from ..reporting import paper_vs_ours
 from . import stats
+from .benchmark import make_splits  # the study-1 split: patient-grouped, stratified 70 / 10 / 20
 from .finetune import Classifier, FinetuneConfig, predict, train_classifier
 
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 RUN_VERSION = "1"  # bump when the meaning of a cached run changes
 # Seed 003 applies no intensity normalisation. Our assumption: each backbone gets the input statistics it was
 # pre-trained with (per-image min-max, then ImageNet mean / std); in a pilot on the VinDr-CXR-like site
@@ -199,12 +199,6 @@ def site_table() -> pd.DataFrame:
     return pd.DataFrame([{"site": s.site, "site_name": phantoms.cxr.SITES[s.site].name,
                           "stands_in_for": s.stands_in_for, "labels": len(phantoms.site_label_names("cxr", s.site)),
                           "why": s.why} for s in INIT_SITES.values()])
-
-
-def make_splits(datasets: Mapping[str, ImageSet], seed: int = 0,
-                fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, dict[str, np.ndarray]]:
-    """Patient-grouped, label-stratified train / val / test indices of every data set (val selects, test scores)."""
-    return {name: patient_split(ds, fractions, seed=seed) for name, ds in datasets.items()}
 
 
 def describe_datasets(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]]
