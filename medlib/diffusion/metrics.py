@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 from ..cache import array_fingerprint, artifact_dir, atomic_path, file_hash, load_npy, save_npy
 from ..config import cache_dir, resolve_device
@@ -332,32 +331,17 @@ def _check_features(feats: np.ndarray, where: str, min_n: int = 1) -> np.ndarray
     return arr
 
 
-def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                                eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) of two Gaussians (scipy sqrtm, pytorch-fid's stabilisation)."""
+def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) of two Gaussians (trace through the symmetric PSD form)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"frechet_distance: mismatched statistics mu {mu1.shape} / {mu2.shape}, "
                          f"sigma {sigma1.shape} / {sigma2.shape}.")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular products are handled below
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():  # singular product: offset the diagonals (pytorch-fid)
-            offset = np.eye(len(mu1)) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            tr_covmean = float(np.trace(covmean.real))
-        else:
-            # Rank-deficient covariances (fewer samples than dimensions) can make sqrtm's Schur route return a
-            # sizeable imaginary part where pytorch-fid raises; the trace is then taken through the symmetric
-            # PSD form Tr((S1^1/2 S2 S1^1/2)^1/2), which equals Tr((S1 S2)^1/2) and is well defined.
-            tr_covmean = _trace_sqrt_product_psd(sigma1, sigma2)
-    else:
-        tr_covmean = float(np.trace(covmean))
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): real and well defined for PSD covariances, singular or not
+    # (no sqrtm, no diagonal offset, no imaginary parts to discard)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product_psd(sigma1, sigma2))
 
 
 def _trace_sqrt_product_psd(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -371,11 +355,11 @@ def _trace_sqrt_product_psd(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N >= 2 each, same width D).
 
-    With at least as many samples as dimensions this is :func:`frechet_distance_from_stats` (scipy
-    sqrtm). With fewer (singular covariances, the usual case for a few dozen images and 2048-d
+    With at least as many samples as dimensions this is :func:`frechet_distance_from_stats` (an
+    eigendecomposition of the D x D covariances). With fewer (singular covariances, the usual case for a few dozen images and 2048-d
     features) the same quantity is computed exactly from the centred samples: with S1 = A'A and
     S2 = B'B, Tr((S1 S2)^1/2) is the sum of the singular values of A B' - an n x n problem instead of
-    a slow and ill-conditioned D x D matrix square root.
+    a D x D eigendecomposition.
     """
     a = _check_features(feats_a, "frechet_distance(feats_a)", min_n=2)
     b = _check_features(feats_b, "frechet_distance(feats_b)", min_n=2)
