@@ -8,8 +8,11 @@ HTML) in ``reports/<profile>/``, prints a one-line summary and makes the command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,27 @@ def discover_notebooks(folder: Path | None = None, only: list[str] | None = None
     return paths
 
 
+@contextmanager
+def kernel_environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the kernels started inside (they inherit them), unless the user set them; restore after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    for name, value in variables.items():
+        if saved[name] is None:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# Headless runs write stderr into the rendered report: text progress bars there are noise for a reader.
+HEADLESS = {"MEDLIB_PROGRESS": "0"}
+
+
 def render_html(ipynb: Path) -> Path:
     """Render an executed notebook to HTML beside it (nbconvert's lab template)."""
     import nbformat
@@ -64,8 +88,10 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
     start = time.perf_counter()
     error = None
     try:
-        pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel, language="python",
-                            cwd=str(py_path.parent), progress_bar=progress, execution_timeout=timeout)
+        with kernel_environment(**HEADLESS):
+            pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel,
+                                language="python", cwd=str(py_path.parent), progress_bar=progress,
+                                execution_timeout=timeout)
         status = "ok"
     except pm.PapermillExecutionError as exc:
         status = "failed"
@@ -122,22 +148,18 @@ def write_index(profile: str, runs: list[NotebookRun]) -> Path:
 
 def refresh_committed(py_path: Path, profile: str = "smoke", kernel: str = "medlib", timeout: int = 1800) -> Path:
     """Execute a notebook's ``.py`` on ``profile`` and write the paired ``.ipynb`` with its outputs (for nbval)."""
-    import os
-
     import jupytext
     from nbclient import NotebookClient
 
     nb = jupytext.read(py_path)
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
-    old = os.environ.get("MEDLIB_PROFILE")
-    os.environ["MEDLIB_PROFILE"] = profile
+    old = os.environ.pop("MEDLIB_PROFILE", None)
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name=kernel,
-                       resources={"metadata": {"path": str(py_path.parent)}}).execute()
+        with kernel_environment(MEDLIB_PROFILE=profile, **HEADLESS):
+            NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                           resources={"metadata": {"path": str(py_path.parent)}}).execute()
     finally:
-        if old is None:
-            os.environ.pop("MEDLIB_PROFILE", None)
-        else:
+        if old is not None:
             os.environ["MEDLIB_PROFILE"] = old
     out = py_path.with_suffix(".ipynb")
     jupytext.write(nb, out)

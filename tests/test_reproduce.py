@@ -1,6 +1,7 @@
 """The papermill runner: executes the .py source, renders HTML, keeps partial output on failure."""
 
 import json
+import os
 import textwrap
 
 import nbformat
@@ -37,6 +38,34 @@ def test_run_notebook_injects_the_profile_and_renders_html(nb_dir, tmp_path):
     assert "profile is smoke" in outputs
     assert (nb_dir / "00_good.py").read_text() == source_before, "notebooks/ must never be modified"
     assert json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())["00_good"]["status"] == "ok"
+
+
+def test_kernel_environment_sets_restores_and_respects_the_user(monkeypatch):
+    monkeypatch.delenv("MEDLIB_PROGRESS", raising=False)
+    monkeypatch.setenv("MEDLIB_TEST_USER", "mine")
+    with reproduce.kernel_environment(MEDLIB_PROGRESS="0", MEDLIB_TEST_USER="theirs"):
+        assert os.environ["MEDLIB_PROGRESS"] == "0"
+        assert os.environ["MEDLIB_TEST_USER"] == "mine", "a value the user set must win"
+    assert "MEDLIB_PROGRESS" not in os.environ and os.environ["MEDLIB_TEST_USER"] == "mine"
+    with pytest.raises(RuntimeError), reproduce.kernel_environment(MEDLIB_PROGRESS="0"):
+        raise RuntimeError("cell failed")
+    assert "MEDLIB_PROGRESS" not in os.environ, "restored after an error too"
+
+
+@pytest.mark.slow
+def test_headless_runs_hide_progress_bars_in_the_report(nb_dir, monkeypatch):
+    monkeypatch.delenv("MEDLIB_PROGRESS", raising=False)
+    (nb_dir / "00_bars.py").write_text(GOOD + textwrap.dedent('''
+        # %%
+        import os
+        from medlib.engine import progress
+        print("progress env", os.environ.get("MEDLIB_PROGRESS"), "disabled", progress(range(3)).disable)
+        '''))
+    run = reproduce.run_notebook(nb_dir / "00_bars.py", "smoke", kernel="python3", progress=False)
+    nb = nbformat.read(run.output, as_version=4)
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "progress env 0 disabled True" in outputs
+    assert "MEDLIB_PROGRESS" not in os.environ
 
 
 @pytest.mark.slow
