@@ -33,14 +33,12 @@ def main(size: int = 128, n: int = 300, natural_n: int = 40) -> dict[str, dict[s
     from medlib.data import natural
     from medlib.data.phantoms import FAMILIES, generate_one
 
-    results: dict[str, dict[str, float]] = {}
-    with threadpool_limits(limits=1):
-        try:
-            import torch
+    import torch
 
-            torch.set_num_threads(1)
-        except ImportError:
-            pass
+    results: dict[str, dict[str, float]] = {}
+    threads = torch.get_num_threads()
+    with threadpool_limits(limits=1):
+        torch.set_num_threads(1)
         for family in FAMILIES:
             count = n if family == "cxr" else max(n // 3, 20)
             wall, cpu = _rate(lambda i, f=family: generate_one(f, i, size=size), count)
@@ -49,6 +47,7 @@ def main(size: int = 128, n: int = 300, natural_n: int = 40) -> dict[str, dict[s
         shapes = _rate(lambda i: natural.labelled_image(np.random.default_rng(i), size, i % 8), natural_n)
         results["natural_dead_leaves"] = {"images_per_s": leaves[0], "cpu_images_per_s": leaves[1], "n": natural_n}
         results["natural_labelled"] = {"images_per_s": shapes[0], "cpu_images_per_s": shapes[1], "n": natural_n}
+    torch.set_num_threads(threads)  # leave the caller's setting as it was
     print(f"Phantom generation at {size} px, one core")
     print(f"{'family':<22}{'images/s (wall)':>17}{'images/s (cpu)':>16}{'n':>6}")
     for name, row in results.items():
