@@ -249,7 +249,8 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, *, kid_subset_size: int | None =
     value (tests check 1e-5 agreement) without torch-fidelity's 2048 x 2048 eigendecomposition
     (~8 s per call on one CPU thread). ``"fid_method"`` says which ran. The result matches
     ``torch_fidelity.calculate_metrics(input1=fake, input2=real, ...)`` with the mapped weights.
-    When ``kid_subset_size`` equals both set sizes every subset is the whole set and ``kid_std`` is 0.
+    When ``kid_subset_size`` equals both set sizes every subset is the whole set: the spread is not
+    measured, so ``kid_std`` is NaN (torch-fidelity reports ~0 there, which reads like a precise KID).
     """
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -276,8 +277,9 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, *, kid_subset_size: int | None =
     kid = kid_features_to_metric(torch.from_numpy(np.array(f_fake)), torch.from_numpy(np.array(f_real)),
                                  kid_subsets=int(kid_subsets), kid_subset_size=int(kid_subset_size),
                                  rng_seed=int(seed), verbose=False)
+    whole_sets = kid_subset_size == len(real) == len(fake)
     return {"fid": float(fid), "kid_mean": float(kid["kernel_inception_distance_mean"]),
-            "kid_std": float(kid["kernel_inception_distance_std"]), "n_real": int(len(real)),
+            "kid_std": float("nan") if whole_sets else float(kid["kernel_inception_distance_std"]), "n_real": int(len(real)),
             "n_fake": int(len(fake)), "kid_subset_size": int(kid_subset_size), "fid_method": method,
             "extractor": INCEPTION_NAME}
 
