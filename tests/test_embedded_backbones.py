@@ -91,6 +91,9 @@ def test_smoke_build_path_writes_loadable_weights_and_cards():
         card = json.loads(weights.with_suffix(".json").read_text())
         assert card["recipe_hash"] == recipe_hash(name, "smoke") and card["training"]
         assert "health" in card and set(card["health"]["tasks"]) == {"ct_organ", "knee_acl", "breast_us_malignant", "natural_class"}
+        for scores in card["health"]["tasks"].values():  # the no-network reference sits beside the two networks
+            assert set(scores) == {"trained", "random_init", "pixel_statistics"}
+            assert 0.0 <= scores["pixel_statistics"]["auroc"] <= 1.0
         bb = create_backbone(name)
         assert bb.features(torch.rand(1, 3, 32, 32))["cls"].shape == (1, 48)
         if name.startswith("ssl-"):  # loss curves travel with the card (notebook 03 plots them)

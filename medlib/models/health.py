@@ -4,6 +4,12 @@ Written into every embedded model card and re-run by a test. The score per task 
 official weighted-vote kNN (k = 20, T = 0.07): one-vs-rest macro AUROC for multi-class, AUROC for
 binary tasks. Accuracy is reported too, but it is not the criterion: on imbalanced binary tasks it
 mostly measures the majority class (our assumption, stated in the README).
+
+Beside the random-init twin, each task also gets a no-network reference: the same kNN on pixel
+statistics (grey-level histogram + a coarse grid of mean intensities). It is context, not the
+criterion: a task that pixel statistics solve says little about learned features (the phantoms code
+several labels in echogenicity and intensity layout, which photometric augmentations teach a network
+to ignore).
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ def extract_cls(model: torch.nn.Module, images: np.ndarray, size: int, device: s
         x = transform(torch.as_tensor(np.asarray(images[i:i + batch_size]))).to(device)
         out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy())
     return np.concatenate(out)
+
+
+def pixel_statistics_features(images: np.ndarray, bins: int = 16, grid: int = 4) -> np.ndarray:
+    """No-network features of uint8 images: grey-level histogram (fractions) + ``grid`` x ``grid`` mean intensities, (N, bins + grid**2)."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ValueError(f"pixel_statistics_features expects uint8 images, got {x.dtype}.")
+    if x.ndim == 4 and x.shape[-1] in (1, 3):
+        x = x.mean(axis=-1)
+    elif x.ndim != 3:
+        raise ValueError(f"pixel_statistics_features expects (N, H, W) or (N, H, W, 1|3) images, got {x.shape}.")
+    if bins < 1 or grid < 1 or grid > min(x.shape[1:]):
+        raise ValueError(f"need bins >= 1 and 1 <= grid <= image side, got bins={bins}, grid={grid}.")
+    x = x.astype(np.float32) / 255.0
+    hist = np.stack([np.histogram(img, bins=bins, range=(0.0, 1.0))[0] for img in x]).astype(np.float32)
+    hist /= x.shape[1] * x.shape[2]
+    rows = np.array_split(np.arange(x.shape[1]), grid)
+    cols = np.array_split(np.arange(x.shape[2]), grid)
+    cells = [x[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols]
+    return np.concatenate([hist, np.stack(cells, axis=1)], axis=1)
 
 
 def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
@@ -73,6 +99,9 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
         for which, net in (("trained", model), ("random_init", random_model)):
             feats = extract_cls(net, np.asarray(ds.images), size, device)
             scores[which] = knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
+        pixels = pixel_statistics_features(np.asarray(ds.images))
+        pixels = (pixels - pixels[:half].mean(0)) / (pixels[:half].std(0) + 1e-6)  # standardised on the train half
+        scores["pixel_statistics"] = knn_scores(pixels[:half], labels[:half], pixels[half:], labels[half:], n_classes)
         result["tasks"][task] = scores
         result["n_images"] = len(ds)
     gains = [t["trained"]["auroc"] - t["random_init"]["auroc"] for t in result["tasks"].values()]

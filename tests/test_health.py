@@ -1,0 +1,57 @@
+"""The no-network reference of the health check: pixel-statistics features."""
+
+import numpy as np
+import pytest
+
+from medlib.models.health import knn_scores, pixel_statistics_features
+
+
+def test_pixel_statistics_of_constant_and_split_images_are_known():
+    flat = np.full((1, 8, 8), 255, dtype=np.uint8)
+    feats = pixel_statistics_features(flat, bins=4, grid=2)
+    assert feats.shape == (1, 4 + 4)
+    np.testing.assert_allclose(feats[0, :4], [0, 0, 0, 1])  # every pixel in the top bin
+    np.testing.assert_allclose(feats[0, 4:], [1, 1, 1, 1])
+    half = np.zeros((1, 8, 8), dtype=np.uint8)
+    half[:, :, 4:] = 255  # left half black, right half white
+    feats = pixel_statistics_features(half, bins=2, grid=2)
+    np.testing.assert_allclose(feats[0], [0.5, 0.5, 0.0, 1.0, 0.0, 1.0])
+
+
+def test_pixel_statistics_accept_rgb_and_odd_sizes():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(3, 7, 9, 3), dtype=np.uint8)
+    feats = pixel_statistics_features(rgb, bins=8, grid=3)
+    assert feats.shape == (3, 8 + 9) and np.isfinite(feats).all()
+    np.testing.assert_allclose(feats[:, :8].sum(1), 1.0, rtol=1e-6)
+    grey = rgb.mean(-1).astype(np.float32) / 255
+    np.testing.assert_allclose(feats[:, 8:].mean(1), grey.mean((1, 2)), rtol=0.02)  # cells of near-equal size
+
+
+def test_pixel_statistics_reject_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        pixel_statistics_features(np.zeros((2, 8, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        pixel_statistics_features(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="grid"):
+        pixel_statistics_features(np.zeros((2, 4, 4), dtype=np.uint8), grid=5)
+
+
+def test_pixel_statistics_solve_an_intensity_coded_task_but_not_a_texture_task():
+    """What the reference is for: brightness-coded labels are trivial for it, orientation-coded ones are not."""
+    rng = np.random.default_rng(1)
+    n, size = 200, 16
+    labels = rng.integers(0, 2, n)
+    bright = np.clip(rng.normal(100 + 60 * labels[:, None, None], 20, (n, size, size)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    shapes = np.zeros((n, size, size), dtype=np.uint8)
+    for i, label in enumerate(labels):  # same histogram and cell means: horizontal or vertical stripes
+        period, phase = rng.choice([2, 4]), rng.integers(4)
+        shapes[i] = np.where(((yy, xx)[label] + phase) % period < period // 2, 220, 30)
+    half = n // 2
+    scores = {}
+    for name, images in (("intensity", bright), ("texture", shapes)):
+        f = pixel_statistics_features(images, grid=4)
+        f = (f - f[:half].mean(0)) / (f[:half].std(0) + 1e-6)
+        scores[name] = knn_scores(f[:half], labels[:half], f[half:], labels[half:], 2)["auroc"]
+    assert scores["intensity"] > 0.95 and scores["texture"] < 0.65, scores
