@@ -121,6 +121,15 @@ def test_card_records_what_the_issue_asks(built):
     assert all(p.dtype == torch.float32 for p in built.pipe.unet.parameters())  # cast back for sampling
 
 
+def test_model_card_table_names_only_the_tokens_the_encoder_has(built):
+    from medlib.diffusion import experiments as ex
+
+    table = dict(ex.model_card_table(built).values.tolist())
+    used = ex.token_names(built)
+    assert len(used) == built.card["condition_encoder"]["num_tokens"] == built.pipe.image_encoder.num_tokens
+    assert f"{len(used)} global tokens {used}" in table["condition encoder"]
+
+
 def test_build_is_cached_and_goes_stale_when_the_encoder_changes(built, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("an up-to-date LDM must not be retrained")

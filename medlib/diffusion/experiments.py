@@ -195,7 +195,8 @@ def model_card_table(handle: LDMHandle) -> pd.DataFrame:
     rows = [
         ("weights", handle.source), ("status", f"{handle.status}: {'; '.join(handle.notes)}"),
         ("condition encoder", f"{enc.get('name')} (DINOv2: {enc.get('is_dinov2')}), {enc.get('num_tokens')} global "
-                              f"tokens {enc.get('tokens')}, weights {enc.get('weights_hash')}"),
+                              f"tokens {token_names(handle)} (configured: {enc.get('tokens')}), "
+                              f"weights {enc.get('weights_hash')}"),
         ("training data", card.get("data", {}).get("data")),
         ("VAE", f"{vae.get('vae')}, {vae.get('steps')} steps, held-out PSNR "
                 f"{vae.get('heldout_psnr', float('nan')):.2f} dB, SSIM {vae.get('heldout_ssim', float('nan')):.3f}"),
