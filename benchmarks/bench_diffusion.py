@@ -11,13 +11,12 @@ bf16 (+ compile) vs fp32.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
+from unittest import mock
 
 import torch
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from . import sync
 
 
 def _parts(profile, device: str):
@@ -30,29 +29,25 @@ def _parts(profile, device: str):
     encoder = create_backbone(cfg.encoder, pretrained=False, image_size=cfg.encoder_image_size)
     vae = make_vae(cfg.image_size, latent_channels=cfg.latent_channels, block_out_channels=cfg.vae_channels,
                    layers_per_block=cfg.vae_layers_per_block)
-    pipe = _make_pipeline(profile, encoder, vae)
-    return pipe.to(device)
+    pipe = _make_pipeline(profile, encoder, vae).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def _train_rate(pipe, images: torch.Tensor, steps: int, device: str, fast: bool) -> float:
+def _train_rate(pipe, images: torch.Tensor, uint8: torch.Tensor, steps: int, device: str, fast: bool) -> float:
     """Images/s of UNet training steps; ``fast``: cached latents / tokens, bf16, compile (GPU)."""
-    from diffusers import DDPMScheduler
-
     from medlib.config import autocast_dtype
     from medlib.diffusion.train import diffusion_loss
 
     unet = pipe.unet.train()
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise_scheduler = pipe.training_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     dtype = autocast_dtype(device) if fast else None
     model = torch.compile(unet) if fast and device.startswith("cuda") else unet
 
     def encode() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            latents = pipe.vae.encode(images).latent_dist.sample()
-            uint8 = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            tokens = pipe.image_encoder(pipe.image_encoder.preprocess(uint8))
-        return latents, tokens
+            return pipe.vae.encode(images).latent_dist.sample(), pipe.encode_condition(uint8)
 
     def autocast():
         return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None)
@@ -62,7 +57,7 @@ def _train_rate(pipe, images: torch.Tensor, steps: int, device: str, fast: bool)
     def step() -> None:
         latents, tokens = cached if fast else encode()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         loss, _ = diffusion_loss(model, noise_scheduler, latents, tokens, noise, t, autocast=autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,42 +65,32 @@ def _train_rate(pipe, images: torch.Tensor, steps: int, device: str, fast: bool)
 
     for _ in range(2):
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return steps * images.shape[0] / (time.perf_counter() - start)
 
 
-def _sample_rate(pipe, tokens: torch.Tensor, n_steps: int, device: str, fast: bool) -> float:
-    """Images/s of guided sampling (``n_steps`` solver steps, batch doubled for CFG) + VAE decode."""
-    from medlib.config import autocast_dtype
-    from medlib.diffusion.pipeline import null_condition_like
+def _sample_rate(pipe, tokens: torch.Tensor, guidance_scale: float, n_steps: int, device: str, fast: bool) -> float:
+    """Images/s of the pipeline's guided sampling + VAE decode; not ``fast``: fp32 (its bf16 autocast patched off).
 
-    unet = pipe.unet.eval()
-    model = torch.compile(unet) if fast and device.startswith("cuda") else unet
-    dtype = autocast_dtype(device) if fast else None
-    cfg = pipe.unet.config
-    size = cfg.sample_size
-    cond = torch.cat([null_condition_like(tokens), tokens])
+    ``fast`` compiles the UNet in place on a GPU, so measure the default first.
+    """
+    if fast and device.startswith("cuda"):
+        pipe.unet.compile()
+    fp32 = nullcontext() if fast else mock.patch("medlib.diffusion.pipeline.autocast_dtype", return_value=None)
 
     def run() -> None:
-        pipe.scheduler.set_timesteps(n_steps)
-        latents = torch.randn(tokens.shape[0], cfg.in_channels, size, size, device=tokens.device)
-        with torch.inference_mode(), torch.autocast(device_type=device.split(":")[0], dtype=dtype,
-                                                    enabled=dtype is not None):
-            for t in pipe.scheduler.timesteps:
-                eps = model(torch.cat([latents] * 2), t, encoder_hidden_states=cond).sample.float()
-                uncond, text = eps.chunk(2)
-                latents = pipe.scheduler.step(uncond + 2.0 * (text - uncond), t, latents).prev_sample
-            pipe.vae.decode(latents).sample.float().cpu()
+        pipe(condition_tokens=tokens, guidance_scale=guidance_scale, num_inference_steps=n_steps, output_type="pt")
 
-    run()
-    _sync(device)
-    start = time.perf_counter()
-    run()
-    _sync(device)
+    with fp32:
+        run()
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
     return tokens.shape[0] / (time.perf_counter() - start)
 
 
@@ -121,15 +106,14 @@ def main(steps: int | None = None) -> dict[str, float | str]:
     batch = cfg.ldm_batch_size
     torch.manual_seed(0)
     images = torch.rand(batch, 1, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    uint8 = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     pipe = _parts(profile, device)
-    fast = _train_rate(pipe, images, steps, device, fast=True)
+    fast = _train_rate(pipe, images, uint8, steps, device, fast=True)
     pipe = _parts(profile, device)  # fresh weights and compile state for the default run
-    default = _train_rate(pipe, images, steps, device, fast=False)
-    uint8 = ((images[: min(batch, 16), 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    with torch.no_grad():
-        tokens = pipe.image_encoder(pipe.image_encoder.preprocess(uint8))
-    sample_fast = _sample_rate(pipe, tokens, cfg.num_inference_steps, device, fast=True)
-    sample_default = _sample_rate(pipe, tokens, cfg.num_inference_steps, device, fast=False)
+    default = _train_rate(pipe, images, uint8, steps, device, fast=False)
+    tokens = pipe.encode_condition(uint8[:16])
+    sample_default = _sample_rate(pipe, tokens, cfg.guidance_scale, cfg.num_inference_steps, device, fast=False)
+    sample_fast = _sample_rate(pipe, tokens, cfg.guidance_scale, cfg.num_inference_steps, device, fast=True)
     name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     report = {
         "device": name, "profile": profile.name, "image_size": cfg.image_size, "batch": batch,

@@ -18,10 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from . import sync
 
 
 def _ceiling(backbone, size: int, batch: int, n_images: int, device: str, compile_model: bool) -> float:
@@ -36,12 +33,12 @@ def _ceiling(backbone, size: int, batch: int, n_images: int, device: str, compil
                                                 enabled=dtype is not None):
         for _ in range(2):  # warm-up (and compilation)
             forward(x, n_last=4)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(n_batches):
             out = forward(x, n_last=4)
             {k: v.float().cpu() for k, v in out.items() if k in ("cls", "pooled", "layers")}
-        _sync(device)
+        sync(device)
     return n_batches * batch / (time.perf_counter() - start)
 
 
@@ -72,11 +69,11 @@ def _naive(model_name: str, kwargs: dict, images: np.ndarray, size: int, batch: 
         loader = torch.utils.data.DataLoader(PngFolder(), batch_size=batch, num_workers=workers)
         with torch.inference_mode():
             model(torch.randn(2, 3, size, size, device=device))  # warm-up
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for x in loader:
                 model.forward_features(x.to(device)).float().cpu()
-            _sync(device)
+            sync(device)
     return len(images) / (time.perf_counter() - start)
 
 
@@ -107,10 +104,10 @@ def main(n_images: int | None = None) -> dict[str, dict[str, float | str]]:
         backbone = create_backbone(label, pretrained=False, image_size=size) if on_gpu else create_backbone(label)
         extract_features(backbone, ds.subset(np.arange(min(len(ds), 2 * batch))), batch_size=batch, device=device,
                          cache=False, compile_model=on_gpu)  # warm-up / compile
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         extract_features(backbone, ds, batch_size=batch, device=device, cache=False, compile_model=on_gpu)
-        _sync(device)
+        sync(device)
         end_to_end = n_images / (time.perf_counter() - start)
         ceiling = _ceiling(backbone, size, batch, n_images, device, compile_model=on_gpu)
         naive = _naive(arch, kwargs, np.asarray(images), size, min(batch, 64), device, workers)

@@ -16,6 +16,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from . import sync
+
 
 def _model_ceiling(model: torch.nn.Module, cfg, batch: int, device: str, steps: int) -> float:
     """Images/s of student fwd+bwd on all crops + teacher fwd on global crops, crops pre-made on the device."""
@@ -43,13 +45,11 @@ def _model_ceiling(model: torch.nn.Module, cfg, batch: int, device: str, steps: 
         opt.step()
 
     step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 
