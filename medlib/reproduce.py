@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +43,16 @@ def discover_notebooks(folder: Path | None = None, only: list[str] | None = None
     return paths
 
 
+# Headless runs write stderr into the rendered report: text progress bars there are noise for a reader.
+HEADLESS = {"MEDLIB_PROGRESS": "0"}
+
+
 @contextmanager
-def kernel_environment(**variables: str) -> Iterator[None]:
-    """Set environment variables for the kernels started inside (they inherit them), unless the user set them; restore after."""
-    saved = {name: os.environ.get(name) for name in variables}
-    for name, value in variables.items():
-        if saved[name] is None:
-            os.environ[name] = value
+def kernel_environment(defaults: Mapping[str, str] = HEADLESS, **forced: str) -> Iterator[None]:
+    """Environment for kernels started inside: ``forced`` always, ``defaults`` unless the user set them; restored after."""
+    wanted = {**{k: v for k, v in defaults.items() if k not in os.environ}, **forced}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -58,10 +61,6 @@ def kernel_environment(**variables: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-# Headless runs write stderr into the rendered report: text progress bars there are noise for a reader.
-HEADLESS = {"MEDLIB_PROGRESS": "0"}
 
 
 def render_html(ipynb: Path) -> Path:
@@ -88,7 +87,7 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
     start = time.perf_counter()
     error = None
     try:
-        with kernel_environment(**HEADLESS):
+        with kernel_environment():
             pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel,
                                 language="python", cwd=str(py_path.parent), progress_bar=progress,
                                 execution_timeout=timeout)
@@ -153,14 +152,9 @@ def refresh_committed(py_path: Path, profile: str = "smoke", kernel: str = "medl
 
     nb = jupytext.read(py_path)
     nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
-    old = os.environ.pop("MEDLIB_PROFILE", None)
-    try:
-        with kernel_environment(MEDLIB_PROFILE=profile, **HEADLESS):
-            NotebookClient(nb, timeout=timeout, kernel_name=kernel,
-                           resources={"metadata": {"path": str(py_path.parent)}}).execute()
-    finally:
-        if old is not None:
-            os.environ["MEDLIB_PROFILE"] = old
+    with kernel_environment(MEDLIB_PROFILE=profile):
+        NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                       resources={"metadata": {"path": str(py_path.parent)}}).execute()
     out = py_path.with_suffix(".ipynb")
     jupytext.write(nb, out)
     return out

@@ -43,11 +43,14 @@ def test_run_notebook_injects_the_profile_and_renders_html(nb_dir, tmp_path):
 def test_kernel_environment_sets_restores_and_respects_the_user(monkeypatch):
     monkeypatch.delenv("MEDLIB_PROGRESS", raising=False)
     monkeypatch.setenv("MEDLIB_TEST_USER", "mine")
-    with reproduce.kernel_environment(MEDLIB_PROGRESS="0", MEDLIB_TEST_USER="theirs"):
+    with reproduce.kernel_environment({"MEDLIB_PROGRESS": "0", "MEDLIB_TEST_USER": "theirs"}):
         assert os.environ["MEDLIB_PROGRESS"] == "0"
         assert os.environ["MEDLIB_TEST_USER"] == "mine", "a value the user set must win"
     assert "MEDLIB_PROGRESS" not in os.environ and os.environ["MEDLIB_TEST_USER"] == "mine"
-    with pytest.raises(RuntimeError), reproduce.kernel_environment(MEDLIB_PROGRESS="0"):
+    with reproduce.kernel_environment(MEDLIB_TEST_USER="forced"):  # keyword values override the user's
+        assert os.environ["MEDLIB_TEST_USER"] == "forced" and os.environ["MEDLIB_PROGRESS"] == "0"
+    assert os.environ["MEDLIB_TEST_USER"] == "mine" and "MEDLIB_PROGRESS" not in os.environ
+    with pytest.raises(RuntimeError), reproduce.kernel_environment({"MEDLIB_PROGRESS": "0"}):
         raise RuntimeError("cell failed")
     assert "MEDLIB_PROGRESS" not in os.environ, "restored after an error too"
 
