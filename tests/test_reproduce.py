@@ -107,3 +107,15 @@ def test_index_lists_earlier_runs_of_the_profile_beside_this_one(nb_dir, tmp_pat
     assert len(rows) == 2
     assert rows[0].startswith("| 00_datasets | ok | 12.5 |") and "[00_datasets.html](00_datasets.html)" in rows[0]
     assert rows[1].startswith("| 01_bench | failed | 3.0 |") and rows[1].endswith("| - |")
+
+
+@pytest.mark.slow
+def test_refresh_committed_runs_the_given_profile_headless_and_writes_the_pair(nb_dir, monkeypatch):
+    monkeypatch.setenv("MEDLIB_PROFILE", "tiny")
+    (nb_dir / "00_env.py").write_text(GOOD + '\n# %%\nimport os\nprint("env", os.environ["MEDLIB_PROFILE"], '
+                                      'os.environ.get("MEDLIB_PROGRESS"))\n')
+    out = reproduce.refresh_committed(nb_dir / "00_env.py", "smoke", kernel="python3")
+    nb = nbformat.read(out, as_version=4)
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert out == nb_dir / "00_env.ipynb" and "env smoke 0" in outputs
+    assert os.environ["MEDLIB_PROFILE"] == "tiny", "the caller's profile is restored"
