@@ -69,6 +69,14 @@ def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, te
     return {"accuracy": multiclass_accuracy(test_labels, proba), "auroc": multiclass_auroc(test_labels, proba)}
 
 
+def pixel_statistics_scores(images: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
+    """:func:`knn_scores` of :func:`pixel_statistics_features` (standardised on the first half, tested on the second)."""
+    feats = pixel_statistics_features(images)
+    half = len(feats) // 2
+    feats = (feats - feats[:half].mean(0)) / (feats[:half].std(0) + 1e-6)
+    return knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
+
+
 def health_tasks(profile: Profile, size: int) -> dict:
     """Held-out labelled tasks (seed offset 1000, never used for training): CT organs, knee ACL, breast US, natural."""
     from ..data import natural, phantoms
@@ -99,9 +107,7 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
         for which, net in (("trained", model), ("random_init", random_model)):
             feats = extract_cls(net, np.asarray(ds.images), size, device)
             scores[which] = knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
-        pixels = pixel_statistics_features(np.asarray(ds.images))
-        pixels = (pixels - pixels[:half].mean(0)) / (pixels[:half].std(0) + 1e-6)  # standardised on the train half
-        scores["pixel_statistics"] = knn_scores(pixels[:half], labels[:half], pixels[half:], labels[half:], n_classes)
+        scores["pixel_statistics"] = pixel_statistics_scores(np.asarray(ds.images), labels, n_classes)
         result["tasks"][task] = scores
         result["n_images"] = len(ds)
     gains = [t["trained"]["auroc"] - t["random_init"]["auroc"] for t in result["tasks"].values()]
