@@ -49,7 +49,7 @@ HEADLESS = {"MEDLIB_PROGRESS": "0"}
 
 @contextmanager
 def kernel_environment(defaults: Mapping[str, str] = HEADLESS, **forced: str) -> Iterator[None]:
-    """Environment for kernels started inside: ``forced`` always, ``defaults`` unless the user set them; restored after."""
+    """Environment for the kernels started inside: ``forced`` always, ``defaults`` unless the user set them."""
     wanted = {**{k: v for k, v in defaults.items() if k not in os.environ}, **forced}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)

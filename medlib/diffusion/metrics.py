@@ -277,10 +277,10 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, *, kid_subset_size: int | None =
     kid = kid_features_to_metric(torch.from_numpy(np.array(f_fake)), torch.from_numpy(np.array(f_real)),
                                  kid_subsets=int(kid_subsets), kid_subset_size=int(kid_subset_size),
                                  rng_seed=int(seed), verbose=False)
-    whole_sets = kid_subset_size == len(real) == len(fake)
-    return {"fid": float(fid), "kid_mean": float(kid["kernel_inception_distance_mean"]),
-            "kid_std": float("nan") if whole_sets else float(kid["kernel_inception_distance_std"]), "n_real": int(len(real)),
-            "n_fake": int(len(fake)), "kid_subset_size": int(kid_subset_size), "fid_method": method,
+    whole_sets = kid_subset_size == len(real) == len(fake)  # every subset is the whole set: no spread measured
+    kid_std = float("nan") if whole_sets else float(kid["kernel_inception_distance_std"])
+    return {"fid": float(fid), "kid_mean": float(kid["kernel_inception_distance_mean"]), "kid_std": kid_std,
+            "n_real": int(len(real)), "n_fake": int(len(fake)), "kid_subset_size": int(kid_subset_size), "fid_method": method,
             "extractor": INCEPTION_NAME}
 
 
@@ -358,8 +358,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N >= 2 each, same width D).
 
     With at least as many samples as dimensions this is :func:`frechet_distance_from_stats` (an
-    eigendecomposition of the D x D covariances). With fewer (singular covariances, the usual case for a few dozen images and 2048-d
-    features) the same quantity is computed exactly from the centred samples: with S1 = A'A and
+    eigendecomposition of the D x D covariances). With fewer (singular covariances, the usual case
+    for a few dozen images and 2048-d features) the same quantity is computed exactly from the centred samples: with S1 = A'A and
     S2 = B'B, Tr((S1 S2)^1/2) is the sum of the singular values of A B' - an n x n problem instead of
     a D x D eigendecomposition.
     """

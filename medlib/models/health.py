@@ -40,7 +40,7 @@ def extract_cls(model: torch.nn.Module, images: np.ndarray, size: int, device: s
 
 
 def pixel_statistics_features(images: np.ndarray, bins: int = 16, grid: int = 4) -> np.ndarray:
-    """No-network features of uint8 images: grey-level histogram (fractions) + ``grid`` x ``grid`` mean intensities, (N, bins + grid**2)."""
+    """No-network features of uint8 images (N, bins + grid**2): grey-level histogram + grid x grid mean intensities."""
     x = np.asarray(images)
     if x.dtype != np.uint8:
         raise ValueError(f"pixel_statistics_features expects uint8 images, got {x.dtype}.")
@@ -92,7 +92,7 @@ def health_tasks(profile: Profile, size: int) -> dict:
 
 
 def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
-    """kNN AUROC / accuracy of ``model`` and of its random-init twin on each task; passed if the mean AUROC gain >= margin."""
+    """kNN AUROC / accuracy of ``model``, its random-init twin and pixel statistics per task; passed on the mean AUROC gain."""
     from .backbones import EMBEDDED_ARCHS, create_backbone
 
     size = EMBEDDED_ARCHS[suffix][1]["img_size"]
