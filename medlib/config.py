@@ -76,6 +76,7 @@ class SSLConfig:
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     freeze_last_layer_steps: int = 100  # first epoch
     vertical_flip: bool = False  # seed 001 adds vertical flips on domain images
+    grayscale_p: float = 0.2  # probability of a grey view (DINOv2: 0.2)
     checkpoint_every: int = 200
 
 

@@ -121,7 +121,7 @@ class MultiCropAugment:
         """The augmentation an :class:`SSLConfig` describes (vertical flips with p 0.5 when asked)."""
         kwargs: dict[str, Any] = dict(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                       global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale),
-                                      vflip_p=0.5 if cfg.vertical_flip else 0.0)
+                                      vflip_p=0.5 if cfg.vertical_flip else 0.0, grayscale_p=cfg.grayscale_p)
         kwargs.update(overrides)
         return cls(**kwargs)
 
