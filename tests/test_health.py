@@ -1,9 +1,10 @@
-"""The no-network reference of the health check: pixel-statistics features."""
+"""The health check's references and shift: pixel-statistics features, acquisition shift, mean gain."""
 
 import numpy as np
 import pytest
 
-from medlib.models.health import pixel_statistics_features, pixel_statistics_scores
+from medlib.models.health import (acquisition_shift, mean_auroc_gain, pixel_statistics_features,
+                                 pixel_statistics_scores)
 
 
 def test_pixel_statistics_of_constant_and_split_images_are_known():
@@ -51,3 +52,53 @@ def test_pixel_statistics_solve_an_intensity_coded_task_but_not_a_texture_task()
     scores = {name: pixel_statistics_scores(images, labels, 2)["auroc"]
               for name, images in (("intensity", bright), ("texture", shapes))}
     assert scores["intensity"] > 0.95 and scores["texture"] < 0.65, scores
+
+
+def test_acquisition_shift_is_deterministic_and_keeps_dtype_and_shape():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(5, 9, 7), dtype=np.uint8)
+    a, b = acquisition_shift(images, seed=3), acquisition_shift(images, seed=3)
+    assert a.dtype == np.uint8 and a.shape == images.shape
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, acquisition_shift(images, seed=4))
+    rgb = rng.integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
+    assert acquisition_shift(rgb, seed=0).shape == rgb.shape
+
+
+def test_acquisition_shift_known_values():
+    images = np.array([[[0, 64, 128, 255]]], dtype=np.uint8)  # (1, 1, 4)
+    same = acquisition_shift(images, 0, gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=(0.0, 0.0))
+    np.testing.assert_array_equal(same, images)  # no shift: the identity
+    squared = acquisition_shift(images, 0, gamma=(2.0, 2.0), contrast=(1.0, 1.0), brightness=(0.0, 0.0))
+    np.testing.assert_array_equal(squared[0, 0], np.round((images[0, 0] / 255.0) ** 2 * 255).astype(np.uint8))
+    flat = acquisition_shift(images, 0, gamma=(1.0, 1.0), contrast=(0.0, 0.0), brightness=(0.1, 0.1))
+    expected = round((images.astype(np.float64) / 255).mean() * 255 + 0.1 * 255)
+    assert np.all(np.abs(flat.astype(int) - expected) <= 1)  # zero contrast: every pixel at mean + brightness
+
+
+def test_acquisition_shift_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        acquisition_shift(np.zeros((2, 4, 4), dtype=np.float32), 0)
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        acquisition_shift(np.zeros((4, 4), dtype=np.uint8), 0)
+    with pytest.raises(ValueError, match="gamma"):
+        acquisition_shift(np.zeros((2, 4, 4), dtype=np.uint8), 0, gamma=(0.0, 1.0))
+
+
+def test_acquisition_shift_takes_intensity_coded_labels_from_pixel_statistics():
+    """Why the criterion is scored under the shift: a brightness-coded label stops being free."""
+    rng = np.random.default_rng(1)
+    n, size = 300, 16
+    labels = rng.integers(0, 2, n)
+    bright = np.clip(rng.normal(110 + 25 * labels[:, None, None], 15, (n, size, size)), 0, 255).astype(np.uint8)
+    raw = pixel_statistics_scores(bright, labels, 2)["auroc"]
+    shifted = pixel_statistics_scores(acquisition_shift(bright, seed=5), labels, 2)["auroc"]
+    assert raw > 0.95 and shifted < raw - 0.15, (raw, shifted)
+
+
+def test_mean_auroc_gain_known_value_and_empty():
+    tasks = {"a": {"trained": {"auroc": 0.9}, "random_init": {"auroc": 0.7}},
+             "b": {"trained": {"auroc": 0.5}, "random_init": {"auroc": 0.6}}}
+    assert mean_auroc_gain(tasks) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_auroc_gain({})

@@ -210,3 +210,22 @@ def test_torch_image_dataset_reads_memory_maps_without_sharing_them(tmp_path):
     image, target = TorchImageDataset(ds)[1]
     assert float(image.max()) == pytest.approx(7 / 255) and target.tolist() == [0, 1, 0]
     assert not np.shares_memory(target.numpy(), ds.labels)  # a private copy, never a view of the cache file
+
+
+def test_classification_photometric_jitter_is_seeded_bounded_and_train_only():
+    images = np.full((4, 16, 16), 100, dtype=np.uint8)
+    images[:, :, 8:] = 200
+    jitter = ClassificationTransform(16, train=True, scale=None, hflip=0.0, photometric=0.4, normalize="none")
+    a = jitter(images, generator=torch.Generator().manual_seed(0))
+    b = jitter(images, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    plain = ClassificationTransform(16, train=True, scale=None, hflip=0.0, normalize="none")(images)
+    assert not torch.allclose(a, plain)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    # brightness x f then contrast about the grey mean: the left/right step scales by f_b * f_c, both in [0.6, 1.4]
+    step = (a[:, 0, 8, 12] - a[:, 0, 8, 3]) / (plain[:, 0, 8, 12] - plain[:, 0, 8, 3])
+    assert torch.all(step > 0.6**2 - 1e-4) and torch.all(step < 1.4**2 + 1e-4) and step.std() > 0
+    off = ClassificationTransform(16, train=False, photometric=0.4, normalize="none")(images)
+    torch.testing.assert_close(off, ClassificationTransform(16, train=False, normalize="none")(images))
+    with pytest.raises(ValueError, match="photometric"):
+        ClassificationTransform(16, train=True, photometric=1.5)

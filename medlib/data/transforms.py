@@ -168,15 +168,27 @@ class ClassificationTransform(_Augmentation):
     RandomResizedCrop(size, ``scale``, ``ratio``) (``scale=None``: plain resize to size), a
     horizontal flip with probability ``hflip`` (True = 0.5) and a vertical flip with
     probability ``vflip``, each image of a batch drawing its own parameters from ``generator``.
+    ``photometric`` > 0 (train only) also scales brightness and contrast by factors drawn from
+    [1 - photometric, 1 + photometric] per image (torchvision's ColorJitter ranges).
     """
 
     def __init__(self, size: int, train: bool = False, scale: Sequence[float] | None = (0.75, 1.0),
                  hflip: float | bool = True, rotation: float = 0.0, normalize: str = "imagenet",
-                 resize: int | None = None, ratio: Sequence[float] = (3 / 4, 4 / 3), vflip: float | bool = False):
+                 resize: int | None = None, ratio: Sequence[float] = (3 / 4, 4 / 3), vflip: float | bool = False,
+                 photometric: float = 0.0):
         super().__init__(size, train, scale, ratio, hflip, vflip, rotation, normalize)
         self.resize = int(resize) if resize is not None else int(round(size * 256 / 224))
         if self.resize < self.size:
             raise ValueError(f"resize ({self.resize}) must be at least size ({self.size})")
+        if not 0.0 <= photometric < 1.0:
+            raise ValueError(f"photometric must be in [0, 1), got {photometric}")
+        self.photometric = float(photometric)
+
+    def _jitter(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Brightness then contrast factors in [1 - photometric, 1 + photometric] for one (C, H, W) image."""
+        low, high = 1.0 - self.photometric, 1.0 + self.photometric
+        image = F.adjust_brightness(image, _uniform(low, high, generator))
+        return F.adjust_contrast(image, _uniform(low, high, generator))
 
     def __call__(self, images: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                  device: str | torch.device | None = None) -> torch.Tensor:
@@ -185,6 +197,8 @@ class ClassificationTransform(_Augmentation):
         if self.train:
             height, width = batch.shape[-2:]
             batch = torch.stack([self.apply(img, self.sample(height, width, generator)) for img in batch])
+            if self.photometric > 0:
+                batch = torch.stack([self._jitter(img, generator) for img in batch])
         else:
             batch = F.resize(batch, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
             batch = F.center_crop(batch, [self.size, self.size])
@@ -194,7 +208,7 @@ class ClassificationTransform(_Augmentation):
     def __repr__(self) -> str:
         return (f"ClassificationTransform(size={self.size}, train={self.train}, scale={self.scale}, "
                 f"hflip={self.hflip}, vflip={self.vflip}, rotation={self.rotation}, normalize={self.normalize!r}, "
-                f"resize={self.resize})")
+                f"resize={self.resize}, photometric={self.photometric})")
 
 
 class SegmentationTransform(_Augmentation):

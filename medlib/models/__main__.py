@@ -1,11 +1,11 @@
-"""`python -m medlib.models build NAME|all --profile tiny`: build the embedded backbones."""
+"""`python -m medlib.models build|health NAME|all --profile tiny`: build the embedded backbones, or re-check their health."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..config import PROFILE_NAMES
-from .build import build, build_all
+from .build import BUILD_ORDER, build, build_all, recheck_health
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="auto")
     b.add_argument("--force", action="store_true", help="rebuild even if the weights are up to date")
     b.add_argument("--no-progress", action="store_true")
+    h = sub.add_parser("health", help="re-run the health check of built weights and rewrite their model card")
+    h.add_argument("name", help="e.g. ssl-natural-vit-tiny, or 'all'")
+    h.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
+    h.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.command == "health":
+        from ..config import get_profile
+
+        suffix = get_profile(args.profile).backbone.embedded_suffix
+        names = [f"{f}-{suffix}" for f in BUILD_ORDER] if args.name == "all" else [args.name]
+        for name in names:
+            recheck_health(name, args.profile, args.device)
+        return 0
     kwargs = dict(device=args.device, progress=not args.no_progress, force=args.force)
     if args.name == "all":
         build_all(args.profile, **kwargs)

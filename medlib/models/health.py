@@ -5,6 +5,14 @@ official weighted-vote kNN (k = 20, T = 0.07): one-vs-rest macro AUROC for multi
 binary tasks. Accuracy is reported too, but it is not the criterion: on imbalanced binary tasks it
 mostly measures the majority class (our assumption, stated in the README).
 
+The criterion is scored on the held-out tasks *under an acquisition shift*: every image gets its own
+random gamma, contrast and brightness (:func:`acquisition_shift`), as images from another scanner or
+site would. Our assumption, not the paper's: the phantoms as generated code several labels in raw
+intensity (kNN on a grey-level histogram alone reaches AUROC 0.995 on breast-US malignancy), so there
+the random-init network's near-pixel features win without having learned anything; under the shift,
+intensity alone no longer carries the label and the kNN gain measures what the backbone learned. The
+unshifted scores are recorded beside it (``tasks_unshifted``), as context.
+
 Beside the random-init twin, each task also gets a no-network reference: the same kNN on pixel
 statistics (grey-level histogram + a coarse grid of mean intensities). It is context, not the
 criterion: a task that pixel statistics solve says little about learned features (the phantoms code
@@ -22,6 +30,11 @@ from ..config import Profile
 HEALTH_MARGIN = 0.03  # mean kNN AUROC a trained backbone must gain over the same network at random init
 KNN_K = 20
 KNN_T = 0.07
+# per-image acquisition shift of the criterion tasks: gamma (log-uniform), contrast about the mean, brightness
+SHIFT_GAMMA = (0.5, 2.0)
+SHIFT_CONTRAST = (0.6, 1.4)
+SHIFT_BRIGHTNESS = (-0.15, 0.15)
+SHIFT_SEED_OFFSET = 1500  # the shift's random stream (the tasks' images use seed + 1000)
 
 
 @torch.no_grad()
@@ -59,6 +72,30 @@ def pixel_statistics_features(images: np.ndarray, bins: int = 16, grid: int = 4)
     return np.concatenate([hist, np.stack(cells, axis=1)], axis=1)
 
 
+def acquisition_shift(images: np.ndarray, seed: int, gamma: tuple[float, float] = SHIFT_GAMMA,
+                      contrast: tuple[float, float] = SHIFT_CONTRAST,
+                      brightness: tuple[float, float] = SHIFT_BRIGHTNESS) -> np.ndarray:
+    """uint8 images with a random gamma, contrast and brightness per image (a scanner change), deterministic per seed."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ValueError(f"acquisition_shift expects uint8 images, got {x.dtype}.")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"acquisition_shift expects (N, H, W) or (N, H, W, C) images, got {x.shape}.")
+    if not (0 < gamma[0] <= gamma[1] and 0 <= contrast[0] <= contrast[1] and brightness[0] <= brightness[1]):
+        raise ValueError(f"need 0 < gamma[0] <= gamma[1], 0 <= contrast[0] <= contrast[1], brightness[0] <= "
+                         f"brightness[1]; got gamma={gamma}, contrast={contrast}, brightness={brightness}.")
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    shape = (n,) + (1,) * (x.ndim - 1)
+    g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]), n)).reshape(shape)
+    c = rng.uniform(*contrast, n).reshape(shape)
+    b = rng.uniform(*brightness, n).reshape(shape)
+    y = (x.astype(np.float32) / 255.0) ** g
+    mean = y.mean(axis=tuple(range(1, x.ndim)), keepdims=True)
+    y = (y - mean) * c + mean + b
+    return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
                n_classes: int) -> dict[str, float]:
     """Accuracy and macro one-vs-rest AUROC (plain AUROC for two classes) of the weighted-vote kNN."""
@@ -91,26 +128,45 @@ def health_tasks(profile: Profile, size: int) -> dict:
     }
 
 
+def _task_scores(nets: dict[str, torch.nn.Module], images: np.ndarray, labels: np.ndarray, n_classes: int,
+                 size: int, device: str) -> dict[str, dict[str, float]]:
+    """kNN scores of each network's CLS features and of pixel statistics (first half = train, second = test)."""
+    half = len(images) // 2
+    scores = {}
+    for which, net in nets.items():
+        feats = extract_cls(net, images, size, device)
+        scores[which] = knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
+    scores["pixel_statistics"] = pixel_statistics_scores(images, labels, n_classes)
+    return scores
+
+
+def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]]) -> float:
+    """Mean over tasks of the trained network's kNN AUROC minus its random-init twin's."""
+    if not tasks:
+        raise ValueError("mean_auroc_gain needs at least one task.")
+    return float(np.mean([t["trained"]["auroc"] - t["random_init"]["auroc"] for t in tasks.values()]))
+
+
 def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
-    """kNN AUROC / accuracy of ``model``, its random-init twin and pixel statistics per task; passed on the mean AUROC gain."""
+    """kNN AUROC of ``model``, its random-init twin and pixel statistics per task; passed on the mean gain under shift."""
     from .backbones import EMBEDDED_ARCHS, create_backbone
 
     size = EMBEDDED_ARCHS[suffix][1]["img_size"]
-    random_model = create_backbone(f"random-{suffix}").model
-    result: dict = {"k": KNN_K, "temperature": KNN_T, "criterion": f"mean kNN AUROC gain >= {HEALTH_MARGIN}",
-                    "tasks": {}}
-    for task, ds in health_tasks(profile, max(64, size)).items():
+    nets = {"trained": model, "random_init": create_backbone(f"random-{suffix}").model}
+    shift = {"gamma": list(SHIFT_GAMMA), "contrast": list(SHIFT_CONTRAST), "brightness": list(SHIFT_BRIGHTNESS),
+             "seed": profile.seed + SHIFT_SEED_OFFSET}
+    result: dict = {"k": KNN_K, "temperature": KNN_T, "acquisition_shift": shift,
+                    "criterion": f"mean kNN AUROC gain >= {HEALTH_MARGIN} over random init, under acquisition shift",
+                    "tasks": {}, "tasks_unshifted": {}}
+    for i, (task, ds) in enumerate(health_tasks(profile, max(64, size)).items()):
         labels = ds.labels if ds.task == "multiclass" else ds.labels[:, 0].astype(int)
         n_classes = len(ds.label_names) if ds.task == "multiclass" else 2
-        half = len(ds) // 2
-        scores = {}
-        for which, net in (("trained", model), ("random_init", random_model)):
-            feats = extract_cls(net, np.asarray(ds.images), size, device)
-            scores[which] = knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
-        scores["pixel_statistics"] = pixel_statistics_scores(np.asarray(ds.images), labels, n_classes)
-        result["tasks"][task] = scores
+        images = np.asarray(ds.images)
+        shifted = acquisition_shift(images, shift["seed"] + i)
+        result["tasks"][task] = _task_scores(nets, shifted, labels, n_classes, size, device)
+        result["tasks_unshifted"][task] = _task_scores(nets, images, labels, n_classes, size, device)
         result["n_images"] = len(ds)
-    gains = [t["trained"]["auroc"] - t["random_init"]["auroc"] for t in result["tasks"].values()]
-    result["mean_auroc_gain"] = float(np.mean(gains))
+    result["mean_auroc_gain"] = mean_auroc_gain(result["tasks"])
+    result["mean_auroc_gain_unshifted"] = mean_auroc_gain(result["tasks_unshifted"])
     result["passed"] = bool(result["mean_auroc_gain"] >= HEALTH_MARGIN)
     return result
