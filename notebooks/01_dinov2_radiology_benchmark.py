@@ -89,8 +89,12 @@ backbone_table
 
 # %% [markdown]
 # Our self-trained backbones carry a model card with a health check made when they were built:
-# does their kNN AUROC beat random initialisation on held-out phantom tasks? Read it before the
-# results - a stand-in that failed it cannot speak for DINOv2, whatever the tables below show.
+# does their kNN AUROC beat random initialisation on held-out phantom tasks? The tasks are scored
+# under an acquisition shift - each image gets its own random gamma, contrast and brightness, as
+# from another scanner - because the phantoms as generated code several labels in raw intensity,
+# which a random network keeps without learning anything (*our assumption*; the card keeps the
+# unshifted scores too). Read it before the results - a stand-in that failed it cannot speak for
+# DINOv2, whatever the tables below show.
 
 # %%
 health = bm.model_card_health(list(backbones))

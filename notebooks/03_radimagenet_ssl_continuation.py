@@ -109,7 +109,8 @@ if len(card_health):
 # spread out) should stay finite. A loss that falls only because the
 # head collapses would show as a DINO loss near zero: `medlib.ssl` warns about that. Where the
 # build probed kNN during training, its gain over random init is drawn as a fifth panel, and a
-# model card's final health check is printed under the figure.
+# model card's final health check is printed under the figure (its tasks are scored under an
+# acquisition shift: a random gamma, contrast and brightness per image; see notebook 01).
 #
 # ## 2. The four starting points
 # The medical-supervised CNN stands in for RadImageNet's: *our assumption* - the ImageNet

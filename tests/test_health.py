@@ -102,3 +102,42 @@ def test_mean_auroc_gain_known_value_and_empty():
     assert mean_auroc_gain(tasks) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="at least one"):
         mean_auroc_gain({})
+
+
+def test_random_init_twins_are_seeded_and_leave_the_global_rng_alone():
+    import torch
+
+    from medlib.models.health import random_init_twins
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = random_init_twins("vit-smoke", seeds=(0, 1))
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    b = random_init_twins("vit-smoke", seeds=(0, 1))
+    wa, wb = (dict(n.named_parameters()) for n in (a[0], b[0]))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(a[0].patch_embed.proj.weight, a[1].patch_embed.proj.weight)
+
+
+@pytest.mark.slow
+def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
+    """The criterion can fail: constant features (collapse) and an untrained network do not pass."""
+    import torch
+
+    from medlib.config import get_profile
+    from medlib.models.health import health_check, random_init_twins
+
+    profile = get_profile("smoke")
+    collapsed = random_init_twins("vit-smoke", seeds=(7,))[0]
+    with torch.no_grad():
+        collapsed.norm.weight.zero_()  # every CLS feature = the final LayerNorm's bias: one point
+    health = health_check(collapsed, "vit-smoke", profile)
+    assert not health["passed"] and health["mean_auroc_gain"] < 0
+    assert set(health["tasks"]) == set(health["tasks_unshifted"]) == {"ct_organ", "knee_acl", "breast_us_malignant",
+                                                                       "natural_class"}
+    for scores in health["tasks"].values():
+        assert scores["trained"]["auroc"] == pytest.approx(0.5)  # ties everywhere: chance
+        assert len(scores["random_init"]["auroc_per_seed"]) == len(health["random_init_seeds"])
+    untrained = random_init_twins("vit-smoke", seeds=(11,))[0]
+    assert not health_check(untrained, "vit-smoke", profile)["passed"]

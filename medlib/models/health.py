@@ -35,6 +35,7 @@ SHIFT_GAMMA = (0.5, 2.0)
 SHIFT_CONTRAST = (0.6, 1.4)
 SHIFT_BRIGHTNESS = (-0.15, 0.15)
 SHIFT_SEED_OFFSET = 1500  # the shift's random stream (the tasks' images use seed + 1000)
+RANDOM_INIT_SEEDS = (0, 1, 2)  # the random-init twin is scored as the mean of these inits (one init varies +-0.03)
 
 
 @torch.no_grad()
@@ -128,16 +129,32 @@ def health_tasks(profile: Profile, size: int) -> dict:
     }
 
 
-def _task_scores(nets: dict[str, torch.nn.Module], images: np.ndarray, labels: np.ndarray, n_classes: int,
-                 size: int, device: str) -> dict[str, dict[str, float]]:
-    """kNN scores of each network's CLS features and of pixel statistics (first half = train, second = test)."""
+def random_init_twins(suffix: str, seeds: tuple[int, ...] = RANDOM_INIT_SEEDS) -> list[torch.nn.Module]:
+    """The embedded architecture ``suffix`` at random init, one network per seed (torch's global RNG left untouched)."""
+    from .backbones import create_backbone
+
+    twins = []
+    for seed in seeds:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            twins.append(create_backbone(f"random-{suffix}").model)
+    return twins
+
+
+def _task_scores(model: torch.nn.Module, twins: list[torch.nn.Module], images: np.ndarray, labels: np.ndarray,
+                 n_classes: int, size: int, device: str) -> dict[str, dict]:
+    """kNN scores of the model, of its random-init twins (mean, and AUROC per seed) and of pixel statistics."""
     half = len(images) // 2
-    scores = {}
-    for which, net in nets.items():
+
+    def score(net: torch.nn.Module) -> dict[str, float]:
         feats = extract_cls(net, images, size, device)
-        scores[which] = knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
-    scores["pixel_statistics"] = pixel_statistics_scores(images, labels, n_classes)
-    return scores
+        return knn_scores(feats[:half], labels[:half], feats[half:], labels[half:], n_classes)
+
+    per_seed = [score(net) for net in twins]
+    random_init = {key: float(np.mean([s[key] for s in per_seed])) for key in per_seed[0]}
+    random_init["auroc_per_seed"] = [s["auroc"] for s in per_seed]
+    return {"trained": score(model), "random_init": random_init,
+            "pixel_statistics": pixel_statistics_scores(images, labels, n_classes)}
 
 
 def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]]) -> float:
@@ -148,14 +165,15 @@ def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]]) -> float:
 
 
 def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
-    """kNN AUROC of ``model``, its random-init twin and pixel statistics per task; passed on the mean gain under shift."""
-    from .backbones import EMBEDDED_ARCHS, create_backbone
+    """kNN AUROC of ``model``, its random-init twins and pixel statistics per task; passed on the mean gain under shift."""
+    from .backbones import EMBEDDED_ARCHS
 
     size = EMBEDDED_ARCHS[suffix][1]["img_size"]
-    nets = {"trained": model, "random_init": create_backbone(f"random-{suffix}").model}
+    twins = random_init_twins(suffix)
     shift = {"gamma": list(SHIFT_GAMMA), "contrast": list(SHIFT_CONTRAST), "brightness": list(SHIFT_BRIGHTNESS),
              "seed": profile.seed + SHIFT_SEED_OFFSET}
     result: dict = {"k": KNN_K, "temperature": KNN_T, "acquisition_shift": shift,
+                    "random_init_seeds": list(RANDOM_INIT_SEEDS),
                     "criterion": f"mean kNN AUROC gain >= {HEALTH_MARGIN} over random init, under acquisition shift",
                     "tasks": {}, "tasks_unshifted": {}}
     for i, (task, ds) in enumerate(health_tasks(profile, max(64, size)).items()):
@@ -163,8 +181,8 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
         n_classes = len(ds.label_names) if ds.task == "multiclass" else 2
         images = np.asarray(ds.images)
         shifted = acquisition_shift(images, shift["seed"] + i)
-        result["tasks"][task] = _task_scores(nets, shifted, labels, n_classes, size, device)
-        result["tasks_unshifted"][task] = _task_scores(nets, images, labels, n_classes, size, device)
+        result["tasks"][task] = _task_scores(model, twins, shifted, labels, n_classes, size, device)
+        result["tasks_unshifted"][task] = _task_scores(model, twins, images, labels, n_classes, size, device)
         result["n_images"] = len(ds)
     result["mean_auroc_gain"] = mean_auroc_gain(result["tasks"])
     result["mean_auroc_gain_unshifted"] = mean_auroc_gain(result["tasks_unshifted"])
