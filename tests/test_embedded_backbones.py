@@ -124,3 +124,19 @@ def test_sampled_history_keeps_ends_and_probe_rows():
     assert out["health_knn_auroc_gain"][out["step"].index(333)] == 0.05 and out["health_knn_auroc_gain"][0] is None
     assert out["loss"][0] == 10.0
     assert _sampled_history(pd.DataFrame()) == {}
+
+
+def test_recipe_hash_follows_only_the_settings_of_its_kind():
+    """An SSL setting re-hashes the SSL families (and continuations) only; a supervised one the supervised only."""
+    from medlib.config import get_profile, override
+
+    base = get_profile("smoke")
+    ssl_changed = override(base, **{"ssl.steps": base.ssl.steps + 1})
+    sup_changed = override(base, **{"backbone.sup_epochs": base.backbone.sup_epochs + 1})
+    for name in ("ssl-natural-vit-smoke", "ssl-us-vit-smoke"):
+        assert recipe_hash(name, ssl_changed) != recipe_hash(name, base)
+        assert recipe_hash(name, sup_changed) == recipe_hash(name, base)
+    for name in ("sup-natural-vit-smoke", "sup-cxr-vit-smoke"):
+        assert recipe_hash(name, ssl_changed) == recipe_hash(name, base)
+        assert recipe_hash(name, sup_changed) != recipe_hash(name, base)
+    assert recipe_hash("ssl-us-vit-smoke", base) != recipe_hash("ssl-knee-vit-smoke", base)

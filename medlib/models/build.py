@@ -56,10 +56,12 @@ RECIPES: dict[str, Recipe] = {r.family: r for r in (
            steps_fraction=0.34),
 )}
 BUILD_ORDER = ("ssl-natural", "sup-natural", "sup-cxr", "ssl-us", "ssl-knee")
-# the code that shapes the weights: whole files, plus the recipe functions of this module (not the
-# card writing, CLI or health check, which do not change the weights)
-RECIPE_SOURCES = ("ssl/dino.py", "ssl/train.py", "eval/finetune.py")
-RECIPE_FUNCTIONS = ("load_data", "_build_ssl", "_build_supervised")
+# the code that shapes the weights, per kind of recipe: whole files, plus the recipe functions of this
+# module (not the card writing, CLI or health check, which do not change the weights). An SSL change
+# leaves the supervised weights fresh and vice versa.
+RECIPE_SOURCES = {"ssl": ("ssl/dino.py", "ssl/train.py"),
+                  "supervised": ("eval/finetune.py", "data/transforms.py", "data/splits.py", "models/heads.py")}
+RECIPE_FUNCTIONS = {"ssl": ("load_data", "_build_ssl"), "supervised": ("load_data", "_build_supervised")}
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -93,14 +95,15 @@ def recipe_hash(name: str, profile: str | Profile) -> str:
     from ..data import natural, phantoms
     from .backbones import EMBEDDED_ARCHS
 
+    kind = RECIPES[family].kind
     payload = {
-        "recipe": asdict(RECIPES[family]), "arch": EMBEDDED_ARCHS[suffix], "ssl": asdict(p.ssl),
-        "data": {"n_per_dataset": p.data.n_per_dataset, "n_natural": p.data.n_natural},
-        "sup_epochs": p.backbone.sup_epochs, "seed": p.seed,
-        "code": {**{src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES},
-                 "models/build.py": stable_hash(_normalised_source("models/build.py", RECIPE_FUNCTIONS))},
+        "recipe": asdict(RECIPES[family]), "arch": EMBEDDED_ARCHS[suffix],
+        "data": {"n_per_dataset": p.data.n_per_dataset, "n_natural": p.data.n_natural}, "seed": p.seed,
+        "code": {**{src: stable_hash(_normalised_source(src)) for src in RECIPE_SOURCES[kind]},
+                 "models/build.py": stable_hash(_normalised_source("models/build.py", RECIPE_FUNCTIONS[kind]))},
         "data_generators": {"phantoms": phantoms.GENERATOR_VERSION, "natural": natural.GENERATOR_VERSION},
     }
+    payload.update({"ssl": asdict(p.ssl)} if kind == "ssl" else {"sup_epochs": p.backbone.sup_epochs})
     if RECIPES[family].init:
         payload["init"] = recipe_hash(f"{RECIPES[family].init}-{suffix}", p)
     return stable_hash(payload)
