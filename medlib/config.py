@@ -255,7 +255,7 @@ _PROFILES: dict[str, Profile] = {
         # scale the official teacher temperature ramp (0.04 -> 0.07) and momentum 0.992 drift to uniform
         # collapse, so the teacher stays at 0.04 and follows the student faster (0.98 -> 1).
         ssl=SSLConfig(global_size=64, local_size=32, n_local=4, batch_size=48, steps=700, warmup_steps=70,
-                      n_prototypes=2048, head_hidden=384, head_bottleneck=128,
+                      n_prototypes=1024, head_hidden=384, head_bottleneck=128, patch_embed_lr_mult=1.0, drop_path=0.0,
                       teacher_temp=(0.04, 0.04), teacher_temp_warmup_steps=1, teacher_momentum=(0.98, 1.0),
                       freeze_last_layer_steps=70, checkpoint_every=50),
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
