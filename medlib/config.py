@@ -253,7 +253,10 @@ _PROFILES: dict[str, Profile] = {
         ),
         # Sized for a 2-core CPU build (~15-30 images/s). Our assumption, not the paper's: at this small
         # scale the official teacher temperature ramp (0.04 -> 0.07) and momentum 0.992 drift to uniform
-        # collapse, so the teacher stays at 0.04 and follows the student faster (0.98 -> 1).
+        # collapse, so the teacher stays at 0.04 and follows the student faster (0.98 -> 1). Also ours, for a
+        # 2.9 M-parameter ViT trained from scratch in 700 steps: 1,024 prototypes, the patch embedding at the
+        # full learning rate (DINOv2's 0.2 steadies large ViTs) and no drop path - in a trial on this CPU these
+        # passed the health check (+0.059 mean kNN AUROC under shift); grey-only views + half the lr gave +0.046.
         ssl=SSLConfig(global_size=64, local_size=32, n_local=4, batch_size=48, steps=700, warmup_steps=70,
                       n_prototypes=1024, head_hidden=384, head_bottleneck=128, patch_embed_lr_mult=1.0, drop_path=0.0,
                       teacher_temp=(0.04, 0.04), teacher_temp_warmup_steps=1, teacher_momentum=(0.98, 1.0),
