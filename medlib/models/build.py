@@ -257,7 +257,7 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
         info.setdefault("history_sampled", _latest_history(work_dir))  # loss curves for the notebooks
     else:
         model, info = _build_supervised(recipe, suffix, p, device, progress)
-    wall = time.perf_counter() - start
+    wall = max(time.perf_counter() - start, info.get("ssl_wall_time_s", 0.0))  # a resumed run counts its past sessions
     health = health_check(model, suffix, p, device)
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"name": name, "recipe_hash": expected})
