@@ -10,17 +10,13 @@ from medlib.models.build import EMBEDDED_DIR, HEALTH_MARGIN, build, recipe_hash,
 
 CARDS = sorted(EMBEDDED_DIR.glob("*.json"))
 
-# Committed weights whose health check FAILED when built (2-core CPU, 700 SSL steps / 8 supervised epochs):
-# their kNN AUROC on held-out phantom tasks does not beat the same ViT at random init on average. They are
-# kept so that the notebooks run, with the failure written in their cards and the README. strict=True: once a
-# longer (GPU) `make backbones` passes, these xfails turn into failures and this list must be emptied.
+# Committed weights whose health check FAILED when built, kept so the notebooks run, with the failure in
+# their cards and the README. The criterion (kNN AUROC gain over random init under acquisition shift) is the
+# issue's for SSL backbones; the supervised stand-ins learn their own task but their features do not transfer
+# to the other phantom domains at this scale. strict=True: a rebuild that passes turns these into failures.
 KNOWN_UNHEALTHY = {
-    "ssl-natural-vit-tiny": "mean kNN AUROC gain -0.056 (CT organ +0.031, breast US -0.188, knee -0.057, natural -0.010)",
-    "sup-natural-vit-tiny": "mean kNN AUROC gain -0.008 (natural +0.241 on its own task, phantoms negative)",
-    "sup-cxr-vit-tiny": "mean kNN AUROC gain -0.025",
-    "ssl-us-vit-tiny": "mean kNN AUROC gain -0.028 (238 continued steps; breast US 0.763 vs the parent's 0.625, "
-                       "random init 0.822)",
-    "ssl-knee-vit-tiny": "mean kNN AUROC gain -0.014 (238 continued steps; knee ACL 0.850 vs random 0.827, parent 0.783)",
+    "sup-cxr-vit-tiny": "supervised on chest phantoms of one site (held-out AUROC of its own task in the card); "
+                        "mean kNN AUROC gain under shift -0.051 on CT / knee / breast US / natural",
 }
 
 
@@ -70,13 +66,14 @@ def test_loads_through_the_same_api_as_real_names(card_path: Path):
 @pytest.mark.parametrize("card_path", [_health_param(c) for c in CARDS if split_name(c.stem)[0].startswith("ssl-")])
 def test_ssl_backbone_beats_random_init_on_held_out_phantoms(card_path: Path):
     """Recomputed now, not read from the card: kNN of SSL features must clearly beat random init."""
-    from medlib.config import get_profile, override
+    from medlib.config import get_profile
     from medlib.models.backbones import create_backbone
     from medlib.models.build import health_check
 
     card = json.loads(card_path.read_text())
-    profile = override(get_profile(card["profile"]), **{"data.n_per_dataset": 400})
-    health = health_check(create_backbone(card_path.stem).model, split_name(card_path.stem)[1], profile)
+    health = health_check(create_backbone(card_path.stem).model, split_name(card_path.stem)[1],
+                          get_profile(card["profile"]))
+    assert health["mean_auroc_gain"] == pytest.approx(card["health"]["mean_auroc_gain"], abs=0.01)  # the card's
     assert health["mean_auroc_gain"] >= HEALTH_MARGIN, health
 
 
