@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python (medlib)
 #     language: python
@@ -95,8 +95,10 @@ backbone_table
 # under an acquisition shift - each image gets its own random gamma, contrast and brightness, as
 # from another scanner - because the phantoms as generated code several labels in raw intensity,
 # which a random network keeps without learning anything (*our assumption*; the card keeps the
-# unshifted scores too). Read it before the results - a stand-in that failed it cannot speak for
-# DINOv2, whatever the tables below show.
+# unshifted scores too). A supervised stand-in is judged on a held-out set of its own task instead
+# (`own_task_auroc_gain`; its transfer to the four tasks is `mean_auroc_gain`, recorded, not judged).
+# Read it before the results - a stand-in that failed it cannot speak for DINOv2, whatever the tables
+# below show.
 
 # %%
 health = bm.model_card_health(list(backbones))

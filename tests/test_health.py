@@ -132,8 +132,9 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
     collapsed = random_init_twins("vit-smoke", seeds=(7,))[0]
     with torch.no_grad():
         collapsed.norm.weight.zero_()  # every CLS feature = the final LayerNorm's bias: one point
-    health = health_check(collapsed, "vit-smoke", profile)
-    assert not health["passed"] and health["mean_auroc_gain"] < 0
+    health = health_check(collapsed, "vit-smoke", profile, own_task=_quadrant_coded_set())
+    assert not health["passed"] and not health["transfer_passed"] and health["mean_auroc_gain"] < 0
+    assert health["own_task"]["trained"]["auroc"] == pytest.approx(0.5) and "own supervised task" in health["criterion"]
     assert set(health["tasks"]) == set(health["tasks_unshifted"]) == {"ct_organ", "knee_acl", "breast_us_malignant",
                                                                        "natural_class"}
     for scores in health["tasks"].values():
@@ -141,3 +142,60 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
         assert len(scores["random_init"]["auroc_per_seed"]) == len(health["random_init_seeds"])
     untrained = random_init_twins("vit-smoke", seeds=(11,))[0]
     assert not health_check(untrained, "vit-smoke", profile)["passed"]
+
+
+class _QuadrantMeans(__import__("torch").nn.Module):
+    """A stand-in 'backbone' whose CLS features are the four quadrant means of the image (timm's two calls)."""
+
+    def forward_features(self, x):
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        grey = x.mean(1)
+        return __import__("torch").stack([grey[:, :h, :w].mean((1, 2)), grey[:, :h, w:].mean((1, 2)),
+                                          grey[:, h:, :w].mean((1, 2)), grey[:, h:, w:].mean((1, 2))], 1)
+
+    def forward_head(self, feats, pre_logits=False):
+        return feats
+
+
+def _quadrant_coded_set(n=96, size=32, seed=0):
+    """Multi-label set: label 0 = bright top half, label 1 = bright bottom half, label 2 never present; 2 images per patient."""
+    from medlib.data.imageset import ImageSet
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, (n, 3)).astype(np.float32)
+    labels[:, 2] = 0
+    images = rng.integers(40, 80, (n, size, size)).astype(np.uint8)
+    images[labels[:, 0] == 1, : size // 2] += 120
+    images[labels[:, 1] == 1, size // 2:] += 120
+    return ImageSet(images=images, labels=labels, label_names=["top", "bottom", "absent"], task="multilabel",
+                    patient_ids=np.array([f"p{i // 2}" for i in range(n)]), name="quadrants")
+
+
+def test_own_task_scores_find_features_that_code_the_labels_and_skip_undefined_labels():
+    from medlib.models.health import own_task_scores, random_init_twins
+
+    ds = _quadrant_coded_set()
+    twins = random_init_twins("vit-smoke", seeds=(0, 1))
+    out = own_task_scores(_QuadrantMeans(), twins, ds, size=32)
+    assert out["n_labels_scored"] == 2  # the label that never occurs has no AUROC and is skipped
+    assert out["trained"]["auroc"] > 0.85 and out["pixel_statistics"]["auroc"] > 0.85  # cosine kNN: ~0.9
+    assert len(out["random_init"]["auroc_per_seed"]) == 2
+    assert out["auroc_gain"] == pytest.approx(out["trained"]["auroc"] - out["random_init"]["auroc"])
+    again = own_task_scores(_QuadrantMeans(), twins, ds, size=32)
+    assert again["trained"] == out["trained"] and again["random_init"] == out["random_init"]  # deterministic
+
+
+def test_own_task_scores_reject_unlabelled_sets_and_too_few_patients():
+    from medlib.data.imageset import ImageSet
+    from medlib.models.health import own_task_scores
+
+    images = np.zeros((8, 16, 16), dtype=np.uint8)
+    unlabelled = ImageSet(images=images, labels=None, label_names=[], task="none",
+                          patient_ids=np.array([f"p{i}" for i in range(8)]), name="u")
+    with pytest.raises(ValueError, match="labelled task"):
+        own_task_scores(_QuadrantMeans(), [], unlabelled, size=16)
+    ds = _quadrant_coded_set(n=6)
+    few = ImageSet(images=ds.images, labels=ds.labels, label_names=ds.label_names, task="multilabel",
+                   patient_ids=np.array(["a", "a", "b", "b", "c", "c"]), name="few")
+    with pytest.raises(ValueError, match="4 patients"):
+        own_task_scores(_QuadrantMeans(), [], few, size=16)

@@ -160,9 +160,12 @@ def load_backbones(names: Sequence[str], image_size: int | None = None, skip_mis
 def model_card_health(names: Sequence[str]) -> pd.DataFrame:
     """The recorded health check of each embedded backbone among ``names`` (kNN AUROC gain over random init).
 
-    Columns: backbone, passed, mean_auroc_gain, criterion, training (steps or epochs), device.
+    Columns: backbone, passed, own_task_auroc_gain (supervised backbones: the criterion), mean_auroc_gain
+    (transfer to the four tasks under shift: the SSL criterion), transfer_passed, criterion, training, device.
     Backbones that are not project-trained, or have no model card, are left out.
     """
+    columns = ["backbone", "passed", "own_task_auroc_gain", "mean_auroc_gain", "transfer_passed", "criterion",
+               "training", "device"]
     rows = []
     for name in names:
         if get_spec(name).source != "embedded":
@@ -173,10 +176,13 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
         health, training = card["health"], card.get("training", {})
         length = (f"{training['steps']} steps" if "steps" in training else
                   f"{training['epochs']} epochs" if "epochs" in training else "")
+        mean_gain = float(health.get("mean_auroc_gain", float("nan")))
         rows.append({"backbone": name, "passed": bool(health.get("passed")),
-                     "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
+                     "own_task_auroc_gain": float(health.get("own_task", {}).get("auroc_gain", float("nan"))),
+                     "mean_auroc_gain": mean_gain,
+                     "transfer_passed": bool(health.get("transfer_passed", health.get("passed"))),
                      "criterion": health.get("criterion", ""), "training": length, "device": card.get("device", "")})
-    return pd.DataFrame(rows, columns=["backbone", "passed", "mean_auroc_gain", "criterion", "training", "device"])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def extract_all(backbones: Mapping[str, Backbone], datasets: Mapping[str, ImageSet], *, image_size: int | None = None,

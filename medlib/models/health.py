@@ -18,6 +18,13 @@ statistics (grey-level histogram + a coarse grid of mean intensities). It is con
 criterion: a task that pixel statistics solve says little about learned features (the phantoms code
 several labels in echogenicity and intensity layout, which photometric augmentations teach a network
 to ignore).
+
+Supervised backbones (our reading of the issue, which states the kNN criterion for SSL backbones): they
+pass when their features clearly beat random init on a fresh held-out set of *their own* supervised
+task (:func:`own_task_scores`: the same kNN, one AUROC per label averaged for multi-label, reference and
+query halves split by patient). What a supervised backbone is for is its task; whether its features
+transfer to the four phantom tasks is measured the same way as for SSL and recorded beside it
+(``transfer_passed``), as a finding, not as the criterion.
 """
 
 from __future__ import annotations
@@ -157,6 +164,47 @@ def _task_scores(model: torch.nn.Module, twins: list[torch.nn.Module], images: n
             "pixel_statistics": pixel_statistics_scores(images, labels, n_classes)}
 
 
+def _label_columns(labels: np.ndarray, task: str, n_names: int) -> list[tuple[np.ndarray, int]]:
+    """(integer labels, number of classes) per scored column: one for multi-class / binary, one per label for multi-label."""
+    if task == "multiclass":
+        return [(np.asarray(labels).astype(int), n_names)]
+    if task not in ("binary", "multilabel"):
+        raise ValueError(f"own_task_scores needs a labelled task (multiclass, binary or multilabel), got {task!r}.")
+    cols = np.asarray(labels).reshape(len(labels), -1)
+    return [(cols[:, j].astype(int), 2) for j in range(cols.shape[1])]
+
+
+def own_task_scores(model: torch.nn.Module, twins: list[torch.nn.Module], ds, size: int,
+                    device: str = "cpu") -> dict:
+    """kNN AUROC of the model, its random-init twins and pixel statistics on a labelled set, halves split by patient."""
+    pids = np.asarray(ds.patient_ids)
+    patients = np.unique(pids)
+    if len(patients) < 4:
+        raise ValueError(f"own_task_scores needs at least 4 patients, got {len(patients)} in {ds.name!r}.")
+    ref = np.isin(pids, patients[: len(patients) // 2])
+    order = np.concatenate([np.flatnonzero(ref), np.flatnonzero(~ref)])  # reference half first, then queries
+    half = int(ref.sum())
+    images = np.asarray(ds.images)[order]
+    columns = [(y[order], k) for y, k in _label_columns(ds.labels, ds.task, len(ds.label_names))]
+    columns = [(y, k) for y, k in columns if len(np.unique(y[:half])) > 1 and len(np.unique(y[half:])) > 1]
+    if not columns:
+        raise ValueError(f"no label of {ds.name!r} has both classes in both halves: AUROC is undefined.")
+
+    def score(feats: np.ndarray) -> dict[str, float]:
+        per = [knn_scores(feats[:half], y[:half], feats[half:], y[half:], k) for y, k in columns]
+        return {key: float(np.mean([s[key] for s in per])) for key in per[0]}
+
+    trained = score(extract_cls(model, images, size, device))
+    per_seed = [score(extract_cls(net, images, size, device)) for net in twins]
+    random_init = {key: float(np.mean([s[key] for s in per_seed])) for key in per_seed[0]}
+    random_init["auroc_per_seed"] = [s["auroc"] for s in per_seed]
+    stats = pixel_statistics_features(images)
+    stats = (stats - stats[:half].mean(0)) / (stats[:half].std(0) + 1e-6)  # standardised on the reference half
+    return {"task": ds.name, "n_images": len(ds), "n_labels_scored": len(columns), "trained": trained,
+            "random_init": random_init, "pixel_statistics": score(stats),
+            "auroc_gain": trained["auroc"] - random_init["auroc"]}
+
+
 def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]]) -> float:
     """Mean over tasks of the trained network's kNN AUROC minus its random-init twin's."""
     if not tasks:
@@ -164,8 +212,8 @@ def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]]) -> float:
     return float(np.mean([t["trained"]["auroc"] - t["random_init"]["auroc"] for t in tasks.values()]))
 
 
-def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu") -> dict:
-    """kNN AUROC of ``model``, its random-init twins and pixel statistics per task; passed on the mean gain under shift."""
+def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu", own_task=None) -> dict:
+    """kNN AUROC gains over random init per task; passed on the mean gain under shift, or on ``own_task`` when given."""
     from .backbones import EMBEDDED_ARCHS
 
     size = EMBEDDED_ARCHS[suffix][1]["img_size"]
@@ -186,5 +234,11 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
         result["n_images"] = len(ds)
     result["mean_auroc_gain"] = mean_auroc_gain(result["tasks"])
     result["mean_auroc_gain_unshifted"] = mean_auroc_gain(result["tasks_unshifted"])
-    result["passed"] = bool(result["mean_auroc_gain"] >= HEALTH_MARGIN)
+    result["transfer_passed"] = bool(result["mean_auroc_gain"] >= HEALTH_MARGIN)
+    result["passed"] = result["transfer_passed"]
+    if own_task is not None:  # a supervised backbone: judged on its own task, transfer recorded beside it
+        result["own_task"] = own_task_scores(model, twins, own_task, size, device)
+        result["criterion"] = (f"kNN AUROC gain >= {HEALTH_MARGIN} over random init on a held-out set of its own "
+                               f"supervised task ({own_task.name}); transfer to the four tasks is recorded, not judged")
+        result["passed"] = bool(result["own_task"]["auroc_gain"] >= HEALTH_MARGIN)
     return result
