@@ -124,6 +124,9 @@ class EvalConfig:
     cv_ssl_vit: str = "ssl-natural-vit-tiny"  # the natural SSL ViT (paper: DINOv2 ViT-S/14)
     cv_continued_suffix: str = "vit-tiny"  # continued SSL ViTs are ssl-us-<suffix> / ssl-knee-<suffix>
     cv_ssl_fallback_steps: int = 0  # cap on the steps of a continuation run here when weights are missing (0 = recipe)
+    # share of ssl.steps a continuation runs (None = the recipe's steps_fraction, 0.34). `paper` sets 1.0: its ssl
+    # section is seed 001's continuation itself (100 epochs x 100 iterations)
+    cv_ssl_steps_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,7 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(probe_epochs=10, finetune_epochs=30, finetune_batch_size=32, seg_epochs=10, batch_size=256,
                         init_arms=("dinov2-vit-b14", "vit-b16-in21k", "vit-b16-mimic-cxr"),
                         cv_imagenet_cnn="resnet50-in1k", cv_medical_cnn="radimagenet-resnet50",
-                        cv_ssl_vit="dinov2-vit-s14", cv_continued_suffix="vit-s14"),
+                        cv_ssl_vit="dinov2-vit-s14", cv_continued_suffix="vit-s14", cv_ssl_steps_fraction=1.0),
         num_workers=8,
         diffusion=DiffusionConfig(image_size=256, source_key="cxr_multilabel", encoder="dinov2-vit-b14-reg4",
                                   encoder_image_size=224, pretrained_vae="stabilityai/sd-vae-ft-mse",

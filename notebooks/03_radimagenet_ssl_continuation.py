@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python (medlib)
 #     language: python
@@ -80,9 +80,12 @@ fold_table
 # Seed 001 continues DINOv2's own recipe from the public weights: 2 global + 8 local crops,
 # horizontal **and vertical** flips, DINO + iBOT + KoLeo losses, Sinkhorn-Knopp centering, a
 # **fresh** DINO / iBOT head (Meta did not release theirs) and position embeddings interpolated to
-# the crop size. `medlib.models.build` runs exactly this (`ssl-us`: breast + thyroid ultrasound;
-# `ssl-knee`: knee MRI; continued from `ssl-natural` for 34 % of the profile's SSL steps, with the
-# profile's crop counts - `tiny`: 2 global + 4 local crops). The committed weights are used when
+# the crop size. `medlib.models.build` runs this recipe (`ssl-us`: breast + thyroid ultrasound;
+# `ssl-knee`: knee MRI). The `paper` profile runs seed 001's numbers: 10,000 iterations of batch 256
+# at base lr 2e-4 from the public ViT-S/14. *Our assumption* for `tiny`: continued from `ssl-natural`
+# for 34 % of the profile's SSL steps (238) at the profile's from-scratch learning rate and crop
+# counts (2 global + 4 local) - seed 001's rate, a twentieth of DINOv2's, would barely move the
+# weights in so few steps. The committed weights are used when
 # they exist; otherwise the continuation **runs here** (cached, resumable) for
 # `profile.eval.cv_ssl_fallback_steps` steps at most, and the line below says so.
 

@@ -222,6 +222,11 @@ def test_continued_name_and_continuation_config():
     assert cfg.warmup_steps == tiny.ssl.warmup_steps * cfg.steps // tiny.ssl.steps
     capped, info = cv.continuation_config("knee", override(get_profile("tiny"), **{"eval.cv_ssl_fallback_steps": 5}))
     assert capped.steps == 5 and info["capped"] and capped.warmup_steps >= 1
+    paper, info = cv.continuation_config("knee", "paper")  # seed 001: 100 epochs x 100 iterations, 30 warm-up epochs
+    assert paper.steps == 10_000 and paper.warmup_steps == 1_000 and paper.teacher_temp_warmup_steps == 3_000
+    assert paper.base_lr == 2e-4 and paper.n_local == 8 and paper.vertical_flip and not info["capped"]
+    with pytest.raises(ValueError, match="cv_ssl_steps_fraction"):
+        cv.continuation_config("us", override(get_profile("tiny"), **{"eval.cv_ssl_steps_fraction": 1.5}))
 
 
 # ----------------------------------------------------------------- continued SSL: fallback run, then found weights

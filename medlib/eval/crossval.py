@@ -294,15 +294,18 @@ def _card_history(card: dict | None) -> pd.DataFrame:
 def continuation_config(domain: str, profile: Profile | str) -> tuple[Any, dict]:
     """The SSL settings of the domain's recipe (``RECIPES``) scaled to the profile, as ``medlib.models.build`` runs it.
 
-    Steps are ``steps_fraction`` of the profile's, capped by ``eval.cv_ssl_fallback_steps`` when
-    that is set; warm-ups scale with the steps; vertical flips on (seed 001). Returns (SSLConfig,
-    a dict saying what was scaled).
+    Steps are ``steps_fraction`` of the profile's (``eval.cv_ssl_steps_fraction`` when set), capped by
+    ``eval.cv_ssl_fallback_steps`` when that is set; warm-ups scale with the steps; vertical flips on
+    (seed 001). Returns (SSLConfig, a dict saying what was scaled).
     """
     from ..models.build import RECIPES
 
     p = get_profile(profile)
     recipe = RECIPES[DOMAIN_FAMILIES[domain]]
-    full = max(2, int(round(p.ssl.steps * recipe.steps_fraction)))
+    fraction = recipe.steps_fraction if p.eval.cv_ssl_steps_fraction is None else p.eval.cv_ssl_steps_fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"eval.cv_ssl_steps_fraction must be in (0, 1], got {fraction}")
+    full = max(2, int(round(p.ssl.steps * fraction)))
     steps = min(full, p.eval.cv_ssl_fallback_steps) if p.eval.cv_ssl_fallback_steps > 0 else full
 
     def scaled(value: int) -> int:
