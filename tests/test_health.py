@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from medlib.models.health import (acquisition_shift, mean_auroc_gain, pixel_statistics_features,
                                  pixel_statistics_scores)
@@ -105,8 +106,6 @@ def test_mean_auroc_gain_known_value_and_empty():
 
 
 def test_random_init_twins_are_seeded_and_leave_the_global_rng_alone():
-    import torch
-
     from medlib.models.health import random_init_twins
 
     torch.manual_seed(123)
@@ -123,8 +122,6 @@ def test_random_init_twins_are_seeded_and_leave_the_global_rng_alone():
 @pytest.mark.slow
 def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
     """The criterion can fail: constant features (collapse) and an untrained network do not pass."""
-    import torch
-
     from medlib.config import get_profile
     from medlib.models.health import health_check, random_init_twins
 
@@ -144,14 +141,14 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
     assert not health_check(untrained, "vit-smoke", profile)["passed"]
 
 
-class _QuadrantMeans(__import__("torch").nn.Module):
+class _QuadrantMeans(torch.nn.Module):
     """A stand-in 'backbone' whose CLS features are the four quadrant means of the image (timm's two calls)."""
 
     def forward_features(self, x):
         h, w = x.shape[-2] // 2, x.shape[-1] // 2
         grey = x.mean(1)
-        return __import__("torch").stack([grey[:, :h, :w].mean((1, 2)), grey[:, :h, w:].mean((1, 2)),
-                                          grey[:, h:, :w].mean((1, 2)), grey[:, h:, w:].mean((1, 2))], 1)
+        return torch.stack([grey[:, :h, :w].mean((1, 2)), grey[:, :h, w:].mean((1, 2)),
+                            grey[:, h:, :w].mean((1, 2)), grey[:, h:, w:].mean((1, 2))], 1)
 
     def forward_head(self, feats, pre_logits=False):
         return feats

@@ -176,10 +176,9 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
         health, training = card["health"], card.get("training", {})
         length = (f"{training['steps']} steps" if "steps" in training else
                   f"{training['epochs']} epochs" if "epochs" in training else "")
-        mean_gain = float(health.get("mean_auroc_gain", float("nan")))
         rows.append({"backbone": name, "passed": bool(health.get("passed")),
                      "own_task_auroc_gain": float(health.get("own_task", {}).get("auroc_gain", float("nan"))),
-                     "mean_auroc_gain": mean_gain,
+                     "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
                      "transfer_passed": bool(health.get("transfer_passed", health.get("passed"))),
                      "criterion": health.get("criterion", ""), "training": length, "device": card.get("device", "")})
     return pd.DataFrame(rows, columns=columns)
