@@ -47,6 +47,10 @@ def test_card_is_fresh_and_honest(card_path: Path):
     assert "transfer_passed" in card["health"]  # the transfer check is recorded for every backbone
     if card["recipe"]["kind"] == "supervised":  # judged on a held-out set of its own task
         assert card["health"]["own_task"]["task"] == card["training"]["data"]
+        assert card["ssl_config"] is None
+    else:  # the SSL settings the run really used, not the profile's (a continuation is shorter, flips vertically)
+        assert card["ssl_config"]["steps"] == card["training"]["steps"]
+        assert card["ssl_config"]["vertical_flip"] is bool(card["recipe"]["init"])
 
 
 @pytest.mark.parametrize("card_path", [_health_param(c) for c in CARDS])
@@ -104,6 +108,10 @@ def test_smoke_build_path_writes_loadable_weights_and_cards():
         if name.startswith("ssl-"):  # loss curves travel with the card (notebook 03 plots them)
             curve = card["training"]["history_sampled"]
             assert curve["step"][-1] == card["training"]["steps"] - 1 and len(curve["loss"]) == len(curve["step"])
+            assert card["ssl_config"]["steps"] == card["training"]["steps"]  # what the run used
+            assert card["ssl_config"]["vertical_flip"] is name.startswith("ssl-us")  # the continuation's flips
+        else:
+            assert card["ssl_config"] is None
     # a second call is a no-op (up to date)
     assert build("ssl-natural-vit-smoke", "smoke", device="cpu", progress=False) == weights.parent / "ssl-natural-vit-smoke.safetensors"
 

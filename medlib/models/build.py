@@ -218,6 +218,12 @@ def _latest_history(work_dir: Path) -> dict[str, list]:
     return _sampled_history(pd.read_csv(runs[-1])) if runs else {}
 
 
+def _latest_run_config(work_dir: Path) -> dict | None:
+    """The SSL settings the most recent run under ``work_dir`` trained with (its ``run.json``), or None."""
+    runs = sorted(work_dir.glob("*/run.json"), key=lambda f: f.stat().st_mtime)
+    return json.loads(runs[-1].read_text())["config"] if runs else None
+
+
 def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool) -> tuple[torch.nn.Module, dict]:
     import timm
 
@@ -289,7 +295,9 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     card = {
         "name": name, "family": family, "architecture": suffix, "timm_arch": EMBEDDED_ARCHS[suffix][0],
         "timm_kwargs": EMBEDDED_ARCHS[suffix][1], "is_dinov2": False, "stands_in_for": recipe.stands_in_for,
-        "recipe": asdict(recipe), "recipe_hash": expected, "profile": p.name, "ssl_config": asdict(p.ssl),
+        "recipe": asdict(recipe), "recipe_hash": expected, "profile": p.name,
+        # the settings the SSL run really used (a continuation scales steps and warm-ups, adds vertical flips)
+        "ssl_config": _latest_run_config(work_dir) if recipe.kind == "ssl" else None,
         "training": info, "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(), "wall_time_s": round(wall, 1), "health": health,
         "built_from_commit": git_commit(), "health_checked_at_commit": git_commit(), "dtype": "float16",
