@@ -210,18 +210,22 @@ def _sampled_history(history: "pd.DataFrame", n_points: int = 100) -> dict[str, 
     return {c: [None if v != v else round(float(v), 5) for v in keep[c]] for c in columns}
 
 
-def _latest_history(work_dir: Path) -> dict[str, list]:
-    """``_sampled_history`` of the most recent SSL run under ``work_dir`` (its ``history.csv``)."""
+def _latest_run(work_dir: Path) -> Path | None:
+    """The most recent SSL run folder under ``work_dir`` (the one with the newest ``run.json``), or None."""
+    runs = sorted(work_dir.glob("*/run.json"), key=lambda f: f.stat().st_mtime)
+    return runs[-1].parent if runs else None
+
+
+def _latest_history(run: Path | None) -> dict[str, list]:
+    """``_sampled_history`` of an SSL run folder's ``history.csv`` ({} without a run)."""
     import pandas as pd
 
-    runs = sorted(work_dir.glob("*/history.csv"), key=lambda f: f.stat().st_mtime)
-    return _sampled_history(pd.read_csv(runs[-1])) if runs else {}
+    return _sampled_history(pd.read_csv(run / "history.csv")) if run else {}
 
 
-def _latest_run_config(work_dir: Path) -> dict | None:
-    """The SSL settings the most recent run under ``work_dir`` trained with (its ``run.json``), or None."""
-    runs = sorted(work_dir.glob("*/run.json"), key=lambda f: f.stat().st_mtime)
-    return json.loads(runs[-1].read_text())["config"] if runs else None
+def _run_config(run: Path | None) -> dict | None:
+    """The SSL settings an SSL run folder trained with (its ``run.json``), or None without a run."""
+    return json.loads((run / "run.json").read_text())["config"] if run else None
 
 
 def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool) -> tuple[torch.nn.Module, dict]:
@@ -285,9 +289,11 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     work_dir = cache_dir() / "build" / name  # resumable: each SSL run has its own sub-folder
     if recipe.kind == "ssl":
         model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
-        info.setdefault("history_sampled", _latest_history(work_dir))  # loss curves for the notebooks
+        run = _latest_run(work_dir)  # its run.json and history.csv, written by train_ssl
+        info.setdefault("history_sampled", _latest_history(run))  # loss curves for the notebooks
     else:
         model, info = _build_supervised(recipe, suffix, p, device, progress)
+        run = None
     wall = max(time.perf_counter() - start, info.get("ssl_wall_time_s", 0.0))  # a resumed run counts its past sessions
     health = _health(name, model, p, device)
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
@@ -297,7 +303,7 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
         "timm_kwargs": EMBEDDED_ARCHS[suffix][1], "is_dinov2": False, "stands_in_for": recipe.stands_in_for,
         "recipe": asdict(recipe), "recipe_hash": expected, "profile": p.name,
         # the settings the SSL run really used (a continuation scales steps and warm-ups, adds vertical flips)
-        "ssl_config": _latest_run_config(work_dir) if recipe.kind == "ssl" else None,
+        "ssl_config": _run_config(run),
         "training": info, "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(), "wall_time_s": round(wall, 1), "health": health,
         "built_from_commit": git_commit(), "health_checked_at_commit": git_commit(), "dtype": "float16",
