@@ -96,7 +96,9 @@ backbone_table
 # from another scanner - because the phantoms as generated code several labels in raw intensity,
 # which a random network keeps without learning anything (*our assumption*; the card keeps the
 # unshifted scores too). A supervised stand-in is judged on a held-out set of its own task instead
-# (`own_task_auroc_gain`; its transfer to the four tasks is `mean_auroc_gain`, recorded, not judged).
+# (`own_task_auroc_gain`; its transfer to the phantom tasks is `mean_auroc_gain`, recorded, not judged).
+# A natural-shapes task is scored beside the phantoms (`natural_auroc_gain`), not judged: it is the
+# training distribution of the natural stand-ins, so it measures their own domain, not transfer.
 # Read it before the results - a stand-in that failed it cannot speak for DINOv2, whatever the tables
 # below show.
 

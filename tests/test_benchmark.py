@@ -183,16 +183,19 @@ def test_model_card_health_reads_embedded_cards_only(monkeypatch):
              "sup-natural-vit-smoke": None,
              "sup-cxr-vit-smoke": {"device": "cpu", "training": {"epochs": 1},
                                    "health": {"passed": True, "transfer_passed": False, "mean_auroc_gain": -0.02,
-                                              "own_task": {"auroc_gain": 0.2}, "criterion": "own"}}}
+                                              "natural_auroc_gain": 0.01, "own_task": {"auroc_gain": 0.2},
+                                              "criterion": "own"}}}
     monkeypatch.setattr(bm, "load_model_card", lambda name: cards[name])
     table = bm.model_card_health(["ssl-natural-vit-smoke", "sup-natural-vit-smoke", "random-vit-smoke",
                                   "efficientnet-lite0.in1k", "sup-cxr-vit-smoke"])
     records = table.to_dict("records")
     assert len(records) == 2 and np.isnan(records[0].pop("own_task_auroc_gain"))  # SSL: judged on transfer
+    assert np.isnan(records[0].pop("natural_auroc_gain"))  # a card written before the natural task was split out
     assert records == [{"backbone": "ssl-natural-vit-smoke", "passed": False, "mean_auroc_gain": -0.05,
                         "transfer_passed": False, "criterion": "gain", "training": "4 steps", "device": "cpu"},
                        {"backbone": "sup-cxr-vit-smoke", "passed": True, "own_task_auroc_gain": 0.2,
-                        "mean_auroc_gain": -0.02, "transfer_passed": False, "criterion": "own",
+                        "mean_auroc_gain": -0.02, "transfer_passed": False, "natural_auroc_gain": 0.01,
+                        "criterion": "own",
                         "training": "1 epochs", "device": "cpu"}]
 
 

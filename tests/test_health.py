@@ -105,6 +105,28 @@ def test_mean_auroc_gain_known_value_and_empty():
         mean_auroc_gain({})
 
 
+def test_mean_auroc_gain_over_named_tasks_only():
+    tasks = {"a": {"trained": {"auroc": 0.9}, "random_init": {"auroc": 0.7}},
+             "b": {"trained": {"auroc": 0.5}, "random_init": {"auroc": 0.6}},
+             "c": {"trained": {"auroc": 0.8}, "random_init": {"auroc": 0.5}}}
+    assert mean_auroc_gain(tasks, ("a", "c")) == pytest.approx(0.25)
+    assert mean_auroc_gain(tasks, ("b",)) == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match=r"\['d'\] are not among the scored tasks"):
+        mean_auroc_gain(tasks, ("a", "d"))
+    with pytest.raises(ValueError, match="at least one"):
+        mean_auroc_gain(tasks, ())
+
+
+def test_criterion_tasks_are_the_phantom_tasks_and_natural_is_scored_beside_them():
+    """The issue's words: 'a held-out labelled phantom task'; natural shapes is the natural stand-ins' own domain."""
+    from medlib.config import get_profile
+    from medlib.models.health import CRITERION_TASKS, NATURAL_TASK, health_tasks
+
+    tasks = health_tasks(get_profile("smoke"), 64)
+    assert set(CRITERION_TASKS) | {NATURAL_TASK} == set(tasks) and NATURAL_TASK not in CRITERION_TASKS
+    assert all(not tasks[name].name.startswith("natural") for name in CRITERION_TASKS)  # phantoms only
+
+
 def test_random_init_twins_are_seeded_and_leave_the_global_rng_alone():
     from medlib.models.health import random_init_twins
 
@@ -131,6 +153,14 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
         collapsed.norm.weight.zero_()  # every CLS feature = the final LayerNorm's bias: one point
     health = health_check(collapsed, "vit-smoke", profile, own_task=_quadrant_coded_set())
     assert not health["passed"] and not health["transfer_passed"] and health["mean_auroc_gain"] < 0
+    assert health["criterion_tasks"] == ["ct_organ", "knee_acl", "breast_us_malignant"]
+    phantom_gains = [t["trained"]["auroc"] - t["random_init"]["auroc"] for name, t in health["tasks"].items()
+                     if name != "natural_class"]
+    assert health["mean_auroc_gain"] == pytest.approx(np.mean(phantom_gains))  # natural shapes not in the mean
+    natural = health["tasks"]["natural_class"]
+    assert health["natural_auroc_gain"] == pytest.approx(natural["trained"]["auroc"] - natural["random_init"]["auroc"])
+    assert health["mean_auroc_gain_all_tasks"] == pytest.approx((3 * health["mean_auroc_gain"]
+                                                                 + health["natural_auroc_gain"]) / 4)
     assert health["own_task"]["trained"]["auroc"] == pytest.approx(0.5) and "own supervised task" in health["criterion"]
     assert set(health["tasks"]) == set(health["tasks_unshifted"]) == {"ct_organ", "knee_acl", "breast_us_malignant",
                                                                        "natural_class"}

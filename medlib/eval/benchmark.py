@@ -161,11 +161,12 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
     """The recorded health check of each embedded backbone among ``names`` (kNN AUROC gain over random init).
 
     Columns: backbone, passed, own_task_auroc_gain (supervised backbones: the criterion), mean_auroc_gain
-    (transfer to the four tasks under shift: the SSL criterion), transfer_passed, criterion, training, device.
+    (transfer to the phantom tasks under shift: the SSL criterion), transfer_passed, natural_auroc_gain (the
+    natural-shapes task, recorded beside it: NaN on cards written before it was), criterion, training, device.
     Backbones that are not project-trained, or have no model card, are left out.
     """
-    columns = ["backbone", "passed", "own_task_auroc_gain", "mean_auroc_gain", "transfer_passed", "criterion",
-               "training", "device"]
+    columns = ["backbone", "passed", "own_task_auroc_gain", "mean_auroc_gain", "transfer_passed",
+               "natural_auroc_gain", "criterion", "training", "device"]
     rows = []
     for name in names:
         if get_spec(name).source != "embedded":
@@ -180,6 +181,7 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
                      "own_task_auroc_gain": float(health.get("own_task", {}).get("auroc_gain", float("nan"))),
                      "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
                      "transfer_passed": bool(health.get("transfer_passed", health.get("passed"))),
+                     "natural_auroc_gain": float(health.get("natural_auroc_gain", float("nan"))),
                      "criterion": health.get("criterion", ""), "training": length, "device": card.get("device", "")})
     return pd.DataFrame(rows, columns=columns)
 
