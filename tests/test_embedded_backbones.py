@@ -171,7 +171,7 @@ def test_gpu_profile_build_path_runs_at_vit_s14_shapes_on_cpu(tmp_path, monkeypa
     assert (gpu.ssl.global_size, gpu.ssl.local_size, gpu.ssl.n_local) == (224, 98, 8)
     cut = override(gpu, **{"ssl.steps": 2, "ssl.batch_size": 2, "ssl.warmup_steps": 1,
                            "ssl.teacher_temp_warmup_steps": 1, "ssl.freeze_last_layer_steps": 1,
-                           "data.n_natural": 8, "data.n_per_dataset": 8, "backbone.sup_epochs": 1})
+                           "data.n_natural": 8, "data.n_per_dataset": 40, "backbone.sup_epochs": 1})
     checked = []
     monkeypatch.setattr(build_module, "_health", lambda name, model, profile, device: checked.append(name) or {
         "passed": False, "mean_auroc_gain": float("nan"), "mean_auroc_gain_unshifted": float("nan"),
