@@ -373,3 +373,26 @@ def test_efficientnet_lite0_classifies_real_photos():
     assert feats["grid"].shape == (2, 1280, 7, 7) and feats["layers"].shape == (2, 1, 1280)
     assert [g.shape[1] for g in feats["grids"]] == [16, 24, 40, 112, 320]
     assert [g.shape[-1] for g in feats["grids"]] == [112, 56, 28, 14, 7]
+
+
+def test_random_names_are_one_init_whatever_ran_before():
+    """A random-* baseline is a pure function of (name, seed): the global RNG neither changes it nor is changed."""
+    torch.manual_seed(1)
+    a = create_backbone("random-vit-smoke")
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    torch.rand(1000)  # a different history before the second call (e.g. a data set generated or loaded from cache)
+    b = create_backbone("random-vit-smoke")
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)  # creating it drew nothing from the caller's stream
+    c = create_backbone("random-vit-smoke", seed=1)
+    assert not torch.equal(c.model.patch_embed.proj.weight, a.model.patch_embed.proj.weight)
+    assert torch.equal(create_backbone("random-vit-smoke", seed=0).model.patch_embed.proj.weight,
+                       a.model.patch_embed.proj.weight)  # seed 0 is the default
+
+
+def test_seed_is_refused_for_backbones_with_weights():
+    with pytest.raises(ValueError, match="seed=3 picks the init of a random-\\* backbone"):
+        create_backbone("ssl-natural-vit-tiny", seed=3)

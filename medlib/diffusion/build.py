@@ -180,14 +180,13 @@ def load_training_images(profile: str | Profile, progress: bool = False) -> LDMD
 def load_condition_backbone(profile: str | Profile):
     """The frozen condition backbone of the profile (``diffusion.encoder`` at ``encoder_image_size``).
 
-    Built under the profile's seed, so that a ``random-*`` encoder (a baseline) is the same every call.
+    A ``random-*`` encoder (a baseline) is initialised from the profile's seed: the same every call.
     """
-    from ..models.backbones import create_backbone
+    from ..models.backbones import create_backbone, get_spec
 
     p = get_profile(profile)
-    with torch.random.fork_rng():
-        torch.manual_seed(p.seed)
-        return create_backbone(p.diffusion.encoder, image_size=p.diffusion.encoder_image_size)
+    seed = p.seed if get_spec(p.diffusion.encoder).source == "random" else None
+    return create_backbone(p.diffusion.encoder, image_size=p.diffusion.encoder_image_size, seed=seed)
 
 
 def load_pretrained_vae(name: str, image_size: int):

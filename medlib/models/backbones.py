@@ -21,7 +21,9 @@ Where weights come from (first hit wins; nothing is ever downloaded):
 * ``embedded`` names load ``medlib/models/embedded/<name>.safetensors`` (committed,
   built by ``make backbones``), then ``cache_dir()/backbones/<name>.safetensors``
   (built locally, e.g. by the ``gpu`` profile);
-* ``random`` names are random init, always (a baseline, named as such).
+* ``random`` names are random init, always (a baseline, named as such), and always the same init:
+  drawn from ``seed`` (default 0) without touching the global RNG, so the floor a study compares
+  against does not depend on what ran before it in the process.
 
 Checkpoints go through timm's own loader (``pretrained_cfg_overlay``), so its checkpoint
 filters apply: the original facebookresearch DINOv2 key layout is converted and position
@@ -408,12 +410,14 @@ def create_backbone(
     image_size: int | None = None,
     pretrained: bool = True,
     drop_path_rate: float = 0.0,
+    seed: int | None = None,
 ) -> Backbone:
     """Build the backbone ``name`` with its weights (see the module docstring for where they come from).
 
     ``image_size`` sets a ViT's position-embedding grid (checkpoints are resized to it; other
     sizes still work at run time); ``pretrained=False`` gives an explicitly random init of
-    the same architecture. Raises WeightsNotFoundError rather than ever random-initialising
+    the same architecture. ``seed`` picks the init of a ``random-*`` name (default 0: the same
+    weights in every process, global RNG untouched). Raises WeightsNotFoundError rather than ever random-initialising
     silently or downloading. The backbone is returned in eval mode (call ``.train()`` to train).
     A :class:`BackboneSpec` may be passed instead of a name, for a backbone the registry lacks.
     """
@@ -428,6 +432,14 @@ def create_backbone(
                          f"{name.replace('random-', 'ssl-natural-', 1)!r}.")
     if image_size is not None and image_size <= 0:
         raise ValueError(f"create_backbone({name!r}): image_size must be positive, got {image_size}.")
+    if seed is not None and spec.source != "random":
+        raise ValueError(f"create_backbone({name!r}): seed={seed} picks the init of a random-* backbone; "
+                         f"{name!r} loads weights ({spec.source}).")
+    if spec.source == "random":
+        with torch.random.fork_rng(devices=[]):  # a pure function of (name, seed): the caller's RNG is untouched
+            torch.manual_seed(0 if seed is None else seed)
+            model = _build_timm_model(spec, None, image_size=image_size, drop_path_rate=drop_path_rate)
+        return Backbone(model, spec, image_size=image_size, weights_path=None).eval()
     path: Path | None = None
     if pretrained and spec.source != "random":
         path = Path(weights) if weights is not None else _find_weights(spec)

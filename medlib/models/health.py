@@ -157,12 +157,7 @@ def random_init_twins(suffix: str, seeds: tuple[int, ...] = RANDOM_INIT_SEEDS) -
     """The embedded architecture ``suffix`` at random init, one network per seed (torch's global RNG left untouched)."""
     from .backbones import create_backbone
 
-    twins = []
-    for seed in seeds:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            twins.append(create_backbone(f"random-{suffix}").model)
-    return twins
+    return [create_backbone(f"random-{suffix}", seed=seed).model for seed in seeds]
 
 
 def _label_columns(labels: np.ndarray, task: str, n_names: int) -> list[tuple[np.ndarray, int]]:
