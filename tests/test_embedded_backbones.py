@@ -12,11 +12,14 @@ CARDS = sorted(EMBEDDED_DIR.glob("*.json"))
 
 # Committed weights whose health check FAILED when built, kept so the notebooks run, with the failure in
 # their cards and the README. SSL backbones are judged on transfer (mean kNN AUROC gain over random init on
-# the three held-out phantom tasks under acquisition shift), supervised ones on a held-out set of their own task.
-# strict=True: a rebuild that passes turns these into failures, so the list cannot go stale. Empty since
-# session 7: `ssl-knee-vit-tiny` failed the earlier criterion, which averaged the natural-shapes task in
-# (+0.021 with it; it forgets natural shapes: 0.485 vs random 0.544); see the README.
-KNOWN_UNHEALTHY: dict[str, str] = {}
+# the three held-out phantom tasks under acquisition shift, averaged over three held-out draws), supervised ones
+# on a held-out set of their own task.
+# strict=True: a rebuild that passes turns these into failures, so the list cannot go stale.
+KNOWN_UNHEALTHY = {
+    "ssl-knee-vit-tiny": "continued on knee MRI phantoms only: phantom-task gain +0.048 / +0.028 / +0.010 over three "
+                         "held-out draws (mean below 0.03; knee ACL itself gains +0.06 in every draw), and it forgets "
+                         "natural shapes (below random init in every draw)",
+}
 
 
 def _health_param(card_path: Path):
@@ -46,6 +49,9 @@ def test_card_is_fresh_and_honest(card_path: Path):
     assert "transfer_passed" in card["health"]  # the transfer check is recorded for every backbone
     assert card["health"]["criterion_tasks"] == ["ct_organ", "knee_acl", "breast_us_malignant"]
     assert "natural_auroc_gain" in card["health"] and "mean_auroc_gain_all_tasks" in card["health"]
+    draws = card["health"]["draws"]  # the SSL verdict averages independent held-out draws
+    assert [d["seed"] for d in draws] == [0, 1, 2]
+    assert card["health"]["mean_auroc_gain"] == pytest.approx(sum(d["mean_auroc_gain"] for d in draws) / len(draws))
     if card["recipe"]["kind"] == "supervised":  # judged on a held-out set of its own task
         assert card["health"]["own_task"]["task"] == card["training"]["data"]
         assert card["ssl_config"] is None
@@ -56,8 +62,10 @@ def test_card_is_fresh_and_honest(card_path: Path):
 
 @pytest.mark.parametrize("card_path", [_health_param(c) for c in CARDS])
 def test_card_health_check_passed(card_path: Path):
-    card = json.loads(card_path.read_text())
-    assert card["health"]["passed"], f"{card['name']} failed its health check: {card['health']}"
+    health = json.loads(card_path.read_text())["health"]
+    value = health["own_task"]["auroc_gain"] if "own_task" in health else health["mean_auroc_gain"]
+    assert health["passed"] == (value >= HEALTH_MARGIN)  # the recorded verdict is the criterion's
+    assert health["passed"], f"{card_path.stem} failed its health check: criterion value {value:+.3f}"
 
 
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.stem)
@@ -70,24 +78,25 @@ def test_loads_through_the_same_api_as_real_names(card_path: Path):
     assert feats["cls"].shape == (2, bb.embed_dim) and torch.isfinite(feats["cls"]).all()
 
 
-def _criterion_value(health: dict) -> float:
-    """The number a backbone is judged on: own-task gain (supervised) or mean transfer gain under shift (SSL)."""
-    return health["own_task"]["auroc_gain"] if "own_task" in health else health["mean_auroc_gain"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("card_path", [_health_param(c) for c in CARDS])
-def test_backbone_beats_random_init_on_held_out_phantoms(card_path: Path):
-    """Recomputed now, not read from the card: kNN of the features must clearly beat random init."""
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.stem)
+def test_card_health_is_reproduced_from_the_weights(card_path: Path):
+    """Recomputed now from the committed weights (draw 0 only, to keep the test short): the card's numbers hold."""
     from medlib.config import get_profile
-    from medlib.models.backbones import create_backbone
-    from medlib.models.build import _health
+    from medlib.models.backbones import EMBEDDED_ARCHS, create_backbone
+    from medlib.models.build import RECIPES, own_task_data
+    from medlib.models.health import health_check
 
     card = json.loads(card_path.read_text())
-    health = _health(card_path.stem, create_backbone(card_path.stem).model, get_profile(card["profile"]), "cpu")
-    assert _criterion_value(health) == pytest.approx(_criterion_value(card["health"]), abs=0.01)  # the card's
-    assert health["mean_auroc_gain"] == pytest.approx(card["health"]["mean_auroc_gain"], abs=0.01)
-    assert _criterion_value(health) >= HEALTH_MARGIN, health
+    family, suffix = split_name(card_path.stem)
+    profile = get_profile(card["profile"])
+    own = own_task_data(RECIPES[family], profile, max(64, EMBEDDED_ARCHS[suffix][1]["img_size"]))
+    health = health_check(create_backbone(card_path.stem).model, suffix, profile, "cpu", own_task=own, draws=1)
+    assert health["draws"][0]["mean_auroc_gain"] == pytest.approx(card["health"]["draws"][0]["mean_auroc_gain"],
+                                                                  abs=0.01)
+    assert health["mean_auroc_gain_unshifted"] == pytest.approx(card["health"]["mean_auroc_gain_unshifted"], abs=0.01)
+    if own is not None:  # supervised: the verdict is one held-out set of its own task
+        assert health["own_task"]["auroc_gain"] == pytest.approx(card["health"]["own_task"]["auroc_gain"], abs=0.01)
 
 
 @pytest.mark.slow

@@ -145,7 +145,7 @@ def test_random_init_twins_are_seeded_and_leave_the_global_rng_alone():
 def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
     """The criterion can fail: constant features (collapse) and an untrained network do not pass."""
     from medlib.config import get_profile
-    from medlib.models.health import health_check, random_init_twins
+    from medlib.models.health import HEALTH_DRAWS, health_check, random_init_twins
 
     profile = get_profile("smoke")
     collapsed = random_init_twins("vit-smoke", seeds=(7,))[0]
@@ -154,13 +154,16 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
     health = health_check(collapsed, "vit-smoke", profile, own_task=_quadrant_coded_set())
     assert not health["passed"] and not health["transfer_passed"] and health["mean_auroc_gain"] < 0
     assert health["criterion_tasks"] == ["ct_organ", "knee_acl", "breast_us_malignant"]
+    first = health["draws"][0]  # draw 0 is the one scored in full in `tasks`
     phantom_gains = [t["trained"]["auroc"] - t["random_init"]["auroc"] for name, t in health["tasks"].items()
                      if name != "natural_class"]
-    assert health["mean_auroc_gain"] == pytest.approx(np.mean(phantom_gains))  # natural shapes not in the mean
+    assert first["mean_auroc_gain"] == pytest.approx(np.mean(phantom_gains))  # natural shapes not in the mean
     natural = health["tasks"]["natural_class"]
-    assert health["natural_auroc_gain"] == pytest.approx(natural["trained"]["auroc"] - natural["random_init"]["auroc"])
-    assert health["mean_auroc_gain_all_tasks"] == pytest.approx((3 * health["mean_auroc_gain"]
-                                                                 + health["natural_auroc_gain"]) / 4)
+    assert first["natural_auroc_gain"] == pytest.approx(natural["trained"]["auroc"] - natural["random_init"]["auroc"])
+    assert first["mean_auroc_gain_all_tasks"] == pytest.approx((3 * first["mean_auroc_gain"]
+                                                                + first["natural_auroc_gain"]) / 4)
+    assert [d["seed"] for d in health["draws"]] == [profile.seed + d for d in range(HEALTH_DRAWS)]
+    assert health["mean_auroc_gain"] == pytest.approx(np.mean([d["mean_auroc_gain"] for d in health["draws"]]))
     assert health["own_task"]["trained"]["auroc"] == pytest.approx(0.5) and "own supervised task" in health["criterion"]
     assert set(health["tasks"]) == set(health["tasks_unshifted"]) == {"ct_organ", "knee_acl", "breast_us_malignant",
                                                                        "natural_class"}
@@ -168,7 +171,26 @@ def test_health_check_fails_a_collapsed_backbone_and_a_random_twin():
         assert scores["trained"]["auroc"] == pytest.approx(0.5)  # ties everywhere: chance
         assert len(scores["random_init"]["auroc_per_seed"]) == len(health["random_init_seeds"])
     untrained = random_init_twins("vit-smoke", seeds=(11,))[0]
-    assert not health_check(untrained, "vit-smoke", profile)["passed"]
+    health = health_check(untrained, "vit-smoke", profile)
+    assert not health["passed"]
+    assert len({round(d["mean_auroc_gain"], 9) for d in health["draws"]}) == HEALTH_DRAWS  # draws are other images
+    assert health["mean_auroc_gain_draw_std"] > 0
+    with pytest.raises(ValueError, match="at least one held-out draw"):
+        health_check(untrained, "vit-smoke", profile, draws=0)
+
+
+def test_draw_summary_known_values():
+    from medlib.models.health import draw_summary
+
+    tasks = {"ct_organ": {"trained": {"auroc": 0.9}, "random_init": {"auroc": 0.8}},
+             "knee_acl": {"trained": {"auroc": 0.7}, "random_init": {"auroc": 0.6}},
+             "breast_us_malignant": {"trained": {"auroc": 0.6}, "random_init": {"auroc": 0.5}},
+             "natural_class": {"trained": {"auroc": 0.4}, "random_init": {"auroc": 0.6}}}
+    summary = draw_summary(tasks, seed=7)
+    assert summary["seed"] == 7 and summary["mean_auroc_gain"] == pytest.approx(0.1)
+    assert summary["natural_auroc_gain"] == pytest.approx(-0.2)
+    assert summary["mean_auroc_gain_all_tasks"] == pytest.approx(0.025)
+    assert summary["task_gains"]["knee_acl"] == pytest.approx(0.1)
 
 
 class _QuadrantMeans(torch.nn.Module):

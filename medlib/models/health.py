@@ -22,6 +22,12 @@ stand-ins (``ssl-natural``, ``sup-natural``), so for them it measures their own 
 forgetting of natural images - a finding, not a collapse. (Until session 7 the mean included it; the
 README shows both numbers.)
 
+The SSL verdict averages :data:`HEALTH_DRAWS` independent held-out draws (draw d: images and shift of
+the profile's seed + d; the per-draw gains are in ``draws``): at 600 images per task a single draw
+moves the mean gain by about 0.02, which is the size of the margin, and draw 0 is the draw the tiny
+SSL recipe was chosen on, so it alone is optimistic. The per-task scores (``tasks``,
+``tasks_unshifted``) are draw 0's.
+
 Beside the random-init twin, each task also gets a no-network reference: the same kNN on pixel
 statistics (grey-level histogram + a coarse grid of mean intensities). It is context, not the
 criterion: a task that pixel statistics solve says little about learned features (the phantoms code
@@ -52,6 +58,10 @@ SHIFT_CONTRAST = (0.6, 1.4)
 SHIFT_BRIGHTNESS = (-0.15, 0.15)
 SHIFT_SEED_OFFSET = 1500  # the shift's random stream (the tasks' images use seed + 1000)
 RANDOM_INIT_SEEDS = (0, 1, 2)  # the random-init twin is scored as the mean of these inits (one init varies +-0.03)
+#: independent held-out draws (images and shift: draw d uses the profile's seed + d) the SSL criterion averages.
+#: One draw is not enough: the phantom-task gain of the same weights moved 0.073 / 0.038 / 0.027 over draws 0-2
+#: (ssl-natural-vit-tiny), and draw 0 is the one the tiny recipe was chosen on (optimistic).
+HEALTH_DRAWS = 3
 #: the tasks the criterion averages: the held-out labelled phantom tasks (natural shapes is scored, not judged)
 CRITERION_TASKS = ("ct_organ", "knee_acl", "breast_us_malignant")
 NATURAL_TASK = "natural_class"
@@ -218,11 +228,40 @@ def mean_auroc_gain(tasks: dict[str, dict[str, dict[str, float]]], only: tuple[s
     return float(np.mean([t["trained"]["auroc"] - t["random_init"]["auroc"] for t in tasks.values()]))
 
 
+def _score_draw(model: torch.nn.Module, twins: list[torch.nn.Module], profile: Profile, size: int, device: str,
+                unshifted: bool) -> tuple[dict, dict, int]:
+    """One held-out draw (the profile's seed picks images and shift): scores per task under shift, and unshifted."""
+    shift_seed = profile.seed + SHIFT_SEED_OFFSET
+    tasks: dict = {}
+    tasks_unshifted: dict = {}
+    n_images = 0
+    for i, (task, ds) in enumerate(health_tasks(profile, max(64, size)).items()):
+        columns = _label_columns(ds.labels, ds.task, len(ds.label_names))  # one column: binary or multi-class
+        images, half = np.asarray(ds.images), len(ds) // 2
+        tasks[task] = _task_scores(model, twins, acquisition_shift(images, shift_seed + i), columns, half, size, device)
+        if unshifted:
+            tasks_unshifted[task] = _task_scores(model, twins, images, columns, half, size, device)
+        n_images = len(ds)
+    return tasks, tasks_unshifted, n_images
+
+
+def draw_summary(tasks: dict[str, dict[str, dict[str, float]]], seed: int) -> dict:
+    """The gains of one draw: criterion mean (phantom tasks), mean with natural shapes, natural alone, per task."""
+    return {"seed": seed, "mean_auroc_gain": mean_auroc_gain(tasks, CRITERION_TASKS),
+            "mean_auroc_gain_all_tasks": mean_auroc_gain(tasks),
+            "natural_auroc_gain": mean_auroc_gain(tasks, (NATURAL_TASK,)),
+            "task_gains": {t: float(v["trained"]["auroc"] - v["random_init"]["auroc"]) for t, v in tasks.items()}}
+
+
 def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu",
-                 own_task: "ImageSet | None" = None) -> dict:  # noqa: F821
-    """kNN AUROC gains over random init per task; passed on the mean phantom-task gain under shift, or on ``own_task``."""
+                 own_task: "ImageSet | None" = None, draws: int = HEALTH_DRAWS) -> dict:  # noqa: F821
+    """kNN AUROC gains over random init; passed on the phantom-task gain under shift averaged over ``draws`` held-out
+    draws (draw d = the profile's check at seed + d), or on ``own_task`` when given."""
+    from ..config import override
     from .backbones import EMBEDDED_ARCHS
 
+    if draws < 1:
+        raise ValueError(f"health_check needs at least one held-out draw, got draws={draws}.")
     size = EMBEDDED_ARCHS[suffix][1]["img_size"]
     twins = random_init_twins(suffix)
     shift = {"gamma": list(SHIFT_GAMMA), "contrast": list(SHIFT_CONTRAST), "brightness": list(SHIFT_BRIGHTNESS),
@@ -230,19 +269,22 @@ def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: 
     result: dict = {"k": KNN_K, "temperature": KNN_T, "acquisition_shift": shift,
                     "random_init_seeds": list(RANDOM_INIT_SEEDS),
                     "criterion": (f"mean kNN AUROC gain >= {HEALTH_MARGIN} over random init on the held-out phantom "
-                                  f"tasks ({', '.join(CRITERION_TASKS)}), under acquisition shift"),
-                    "criterion_tasks": list(CRITERION_TASKS), "tasks": {}, "tasks_unshifted": {}}
-    for i, (task, ds) in enumerate(health_tasks(profile, max(64, size)).items()):
-        columns = _label_columns(ds.labels, ds.task, len(ds.label_names))  # one column: binary or multi-class
-        images, half = np.asarray(ds.images), len(ds) // 2
-        shifted = acquisition_shift(images, shift["seed"] + i)
-        result["tasks"][task] = _task_scores(model, twins, shifted, columns, half, size, device)
-        result["tasks_unshifted"][task] = _task_scores(model, twins, images, columns, half, size, device)
-        result["n_images"] = len(ds)
-    result["mean_auroc_gain"] = mean_auroc_gain(result["tasks"], CRITERION_TASKS)
-    result["mean_auroc_gain_unshifted"] = mean_auroc_gain(result["tasks_unshifted"], CRITERION_TASKS)
-    result["mean_auroc_gain_all_tasks"] = mean_auroc_gain(result["tasks"])  # natural shapes included: context
-    result["natural_auroc_gain"] = mean_auroc_gain(result["tasks"], (NATURAL_TASK,))  # own domain of ssl-/sup-natural
+                                  f"tasks ({', '.join(CRITERION_TASKS)}), under acquisition shift, averaged over "
+                                  f"{draws} held-out draw(s)"),
+                    "criterion_tasks": list(CRITERION_TASKS)}
+    # draw 0 in full (scores per task, unshifted beside them); further draws: the gains under shift
+    result["tasks"], result["tasks_unshifted"], result["n_images"] = _score_draw(model, twins, profile, size, device,
+                                                                                 unshifted=True)
+    result["draws"] = [draw_summary(result["tasks"], profile.seed)]
+    for d in range(1, draws):
+        tasks, _, _ = _score_draw(model, twins, override(profile, seed=profile.seed + d), size, device, unshifted=False)
+        result["draws"].append(draw_summary(tasks, profile.seed + d))
+    per_draw = [d["mean_auroc_gain"] for d in result["draws"]]
+    result["mean_auroc_gain"] = float(np.mean(per_draw))
+    result["mean_auroc_gain_draw_std"] = float(np.std(per_draw, ddof=1)) if draws > 1 else float("nan")
+    result["mean_auroc_gain_all_tasks"] = float(np.mean([d["mean_auroc_gain_all_tasks"] for d in result["draws"]]))
+    result["natural_auroc_gain"] = float(np.mean([d["natural_auroc_gain"] for d in result["draws"]]))
+    result["mean_auroc_gain_unshifted"] = mean_auroc_gain(result["tasks_unshifted"], CRITERION_TASKS)  # draw 0
     result["transfer_passed"] = bool(result["mean_auroc_gain"] >= HEALTH_MARGIN)
     judged = result["mean_auroc_gain"]
     if own_task is not None:  # a supervised backbone: judged on its own task, transfer recorded beside it
