@@ -99,6 +99,8 @@ backbone_table
 # (`own_task_auroc_gain`; its transfer to the phantom tasks is `mean_auroc_gain`, recorded, not judged).
 # A natural-shapes task is scored beside the phantoms (`natural_auroc_gain`), not judged: it is the
 # training distribution of the natural stand-ins, so it measures their own domain, not transfer.
+# The SSL verdict averages three held-out draws of images and shift (`gain_per_draw`): one draw alone
+# moves by about as much as the 0.03 margin.
 # Read it before the results - a stand-in that failed it cannot speak for DINOv2, whatever the tables
 # below show.
 

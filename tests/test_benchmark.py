@@ -184,6 +184,7 @@ def test_model_card_health_reads_embedded_cards_only(monkeypatch):
              "sup-cxr-vit-smoke": {"device": "cpu", "training": {"epochs": 1},
                                    "health": {"passed": True, "transfer_passed": False, "mean_auroc_gain": -0.02,
                                               "natural_auroc_gain": 0.01, "own_task": {"auroc_gain": 0.2},
+                                              "draws": [{"mean_auroc_gain": -0.01}, {"mean_auroc_gain": -0.03}],
                                               "criterion": "own"}}}
     monkeypatch.setattr(bm, "load_model_card", lambda name: cards[name])
     table = bm.model_card_health(["ssl-natural-vit-smoke", "sup-natural-vit-smoke", "random-vit-smoke",
@@ -191,10 +192,11 @@ def test_model_card_health_reads_embedded_cards_only(monkeypatch):
     records = table.to_dict("records")
     assert len(records) == 2 and np.isnan(records[0].pop("own_task_auroc_gain"))  # SSL: judged on transfer
     assert np.isnan(records[0].pop("natural_auroc_gain"))  # a card written before the natural task was split out
-    assert records == [{"backbone": "ssl-natural-vit-smoke", "passed": False, "mean_auroc_gain": -0.05,
+    assert records == [{"backbone": "ssl-natural-vit-smoke", "passed": False, "mean_auroc_gain": -0.05, "gain_per_draw": "",
                         "transfer_passed": False, "criterion": "gain", "training": "4 steps", "device": "cpu"},
                        {"backbone": "sup-cxr-vit-smoke", "passed": True, "own_task_auroc_gain": 0.2,
-                        "mean_auroc_gain": -0.02, "transfer_passed": False, "natural_auroc_gain": 0.01,
+                        "mean_auroc_gain": -0.02, "gain_per_draw": "-0.010 / -0.030", "transfer_passed": False,
+                        "natural_auroc_gain": 0.01,
                         "criterion": "own",
                         "training": "1 epochs", "device": "cpu"}]
 

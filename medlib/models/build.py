@@ -157,9 +157,10 @@ def _health(name: str, model: torch.nn.Module, profile: Profile, device: str) ->
 def _health_summary(health: dict) -> str:
     """One line: verdict, the criterion's number and the transfer gains."""
     own = f"own-task kNN AUROC gain {health['own_task']['auroc_gain']:+.3f}; " if "own_task" in health else ""
+    draws = " / ".join(f"{d['mean_auroc_gain']:+.3f}" for d in health.get("draws", []))
     return (f"{'PASSED' if health['passed'] else 'FAILED'} ({own}mean kNN AUROC gain over random init "
-            f"{health['mean_auroc_gain']:+.3f} under acquisition shift, {health['mean_auroc_gain_unshifted']:+.3f} "
-            f"unshifted)")
+            f"{health['mean_auroc_gain']:+.3f} under acquisition shift (per draw {draws or 'n/a'}), "
+            f"{health['mean_auroc_gain_unshifted']:+.3f} unshifted)")
 
 
 def _build_ssl(recipe: Recipe, suffix: str, profile: Profile, device: str, progress: bool,
