@@ -272,6 +272,9 @@ def test_medical_cnn_is_built_once_then_loaded_from_the_cache(tmp_path, monkeypa
     assert not torch.allclose(first(x), imagenet(x))  # fine-tuned away from the ImageNet weights
     again, _ = cv.build_medical_cnn(p, device="cpu", progress=False)
     assert again.weights_path == first.weights_path and torch.allclose(again(x), first(x))
+    torch.manual_seed(123)  # another process history: the rebuild must not depend on it (torch seeds at random)
+    rebuilt, _ = cv.build_medical_cnn(p, device="cpu", progress=False, force=True)
+    assert torch.equal(rebuilt(x), first(x))
 
 
 def test_card_history_and_health_are_read_from_a_model_card():

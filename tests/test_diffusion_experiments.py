@@ -405,3 +405,17 @@ def test_headline_table_sets_our_numbers_beside_the_paper():
 def test_dataclass_fields_of_train_fields_exist():
     names = {f.name for f in dataclasses.fields(get_profile("tiny").diffusion)}
     assert set(B.TRAIN_FIELDS) <= names
+
+
+def test_augmentation_classifier_is_a_function_of_its_seed_not_of_the_process_rng():
+    """torch seeds each process at random: the classifier's head must come from ``seed`` (the study re-ran
+    differently before), and the caller's random stream is left alone."""
+    ds, split = X.load_downstream(TEST_PROFILE)
+    train, test = ds.subset(split["train"][:8]), ds.subset(split["test"][:8])
+    runs = []
+    for other_history in (1, 2):
+        torch.manual_seed(other_history)
+        runs.append(X.train_eval_classifier(train, test, TEST_PROFILE, steps=1, seed=5)["probs"])
+    np.testing.assert_array_equal(runs[0], runs[1])
+    other = X.train_eval_classifier(train, test, TEST_PROFILE, steps=1, seed=6)["probs"]
+    assert not np.array_equal(other, runs[0])

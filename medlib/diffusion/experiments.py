@@ -463,7 +463,10 @@ def train_eval_classifier(train: ImageSet, test: ImageSet, profile: str | Profil
     per_epoch = math.ceil(len(train) / batch)
     epochs = math.ceil(steps / per_epoch)
     backbone = create_backbone(cfg.aug_classifier, image_size=size)
-    model = Classifier(backbone, LinearHead(backbone.embed_dim, train.n_classes))
+    with torch.random.fork_rng(devices=[]):  # the head's init from ``seed``: torch seeds each process at random
+        torch.manual_seed(seed)
+        head = LinearHead(backbone.embed_dim, train.n_classes)
+    model = Classifier(backbone, head)
     # our assumptions: head lr aug_lr, backbone lr aug_lr / 10, rotation 7 deg (seed 003), no flip (laterality)
     fc = FinetuneConfig(epochs=epochs, batch_size=batch, lr=cfg.aug_lr, backbone_lr=cfg.aug_lr / 10,
                         weight_decay=1e-4)

@@ -228,7 +228,8 @@ def build_medical_cnn(profile: Profile | str, device: str = "auto", progress: bo
 
     p = get_profile(profile)
     size = p.backbone.image_size
-    key = {"recipe": "medical-cnn", "version": CODE_VERSION, "init": "efficientnet-lite0.in1k", "size": size,
+    key = {"recipe": "medical-cnn", "version": CODE_VERSION, "head_init": "seeded", "init": "efficientnet-lite0.in1k",
+           "size": size,
            "images": p.eval.cv_medical_images, "epochs": p.eval.cv_medical_epochs, "seed": p.seed,
            "phantom_size": p.data.phantom_size, "families": MEDICAL_PRETRAIN_FAMILIES,
            "generator": phantoms.GENERATOR_VERSION}
@@ -241,7 +242,10 @@ def build_medical_cnn(profile: Profile | str, device: str = "auto", progress: bo
         split = patient_split(ds, fractions=(0.8, 0.1, 0.1), seed=p.seed)
         train, val, test = (ds.subset(split[k]) for k in ("train", "val", "test"))
         init = create_backbone("efficientnet-lite0.in1k", image_size=size)
-        clf = Classifier(init.train(), LinearHead(init.embed_dim, ds.n_classes))
+        with torch.random.fork_rng(devices=[]):  # the head's init from the seed: torch seeds each process at random
+            torch.manual_seed(p.seed)
+            head = LinearHead(init.embed_dim, ds.n_classes)
+        clf = Classifier(init.train(), head)
         cfg = FinetuneConfig(epochs=p.eval.cv_medical_epochs, batch_size=32, lr=1e-3, backbone_lr=1e-4,
                              weight_decay=0.01, select_on="val_loss")
         t0 = time.perf_counter()
