@@ -172,8 +172,7 @@ def test_drop_path_rate_reaches_timm():
 
 
 def _reference_state(seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(seed)
-    ref = create_backbone("random-vit-smoke")
+    ref = create_backbone("random-vit-smoke", seed=seed)
     return ref, {k: v.clone().contiguous() for k, v in ref.model.state_dict().items()}
 
 
