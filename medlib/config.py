@@ -8,11 +8,13 @@ dataclasses, so a notebook cannot change them by accident; derive a variant with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -408,6 +410,16 @@ def reports_dir(profile: str | Profile) -> Path:
     path = Path(os.environ.get("MEDLIB_REPORTS", repo_root() / "reports")) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """Run the block on torch's CPU generator seeded with ``seed``; the caller's random stream is restored after."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def seed_everything(seed: int) -> np.random.Generator:

@@ -74,3 +74,20 @@ def test_notebook_profile_prefers_the_parameter_then_the_environment(monkeypatch
     assert notebook_profile(None).name == "smoke" and notebook_profile("gpu").name == "gpu"
     monkeypatch.delenv("MEDLIB_PROFILE")
     assert notebook_profile(None).name == "tiny"
+
+
+def test_seeded_torch_rng_is_a_function_of_the_seed_and_restores_the_callers_stream():
+    import torch
+
+    from medlib.config import seeded_torch_rng
+
+    torch.manual_seed(99)
+    expected_next = torch.rand(2)
+    torch.manual_seed(99)
+    with seeded_torch_rng(5):
+        a = torch.rand(3)
+    assert torch.equal(torch.rand(2), expected_next)  # the caller's stream went on as if nothing ran
+    with seeded_torch_rng(5):
+        assert torch.equal(torch.rand(3), a)
+    with seeded_torch_rng(6):
+        assert not torch.equal(torch.rand(3), a)

@@ -193,6 +193,13 @@ def test_draw_summary_known_values():
     assert summary["task_gains"]["knee_acl"] == pytest.approx(0.1)
 
 
+def test_draw_gains_text_formats_each_draw_and_is_empty_without_draws():
+    from medlib.models.health import draw_gains_text
+
+    assert draw_gains_text({"draws": [{"mean_auroc_gain": 0.0731}, {"mean_auroc_gain": -0.02}]}) == "+0.073 / -0.020"
+    assert draw_gains_text({"mean_auroc_gain": 0.05}) == ""
+
+
 class _QuadrantMeans(torch.nn.Module):
     """A stand-in 'backbone' whose CLS features are the four quadrant means of the image (timm's two calls)."""
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Profile, get_profile
+from ..config import Profile, get_profile, seeded_torch_rng
 from ..data.imageset import ImageSet
 from ..engine import derive_seed, progress as progress_bar
 from .build import LDMData, LDMHandle, _to_gray
@@ -463,8 +463,7 @@ def train_eval_classifier(train: ImageSet, test: ImageSet, profile: str | Profil
     per_epoch = math.ceil(len(train) / batch)
     epochs = math.ceil(steps / per_epoch)
     backbone = create_backbone(cfg.aug_classifier, image_size=size)
-    with torch.random.fork_rng(devices=[]):  # the head's init from ``seed``: torch seeds each process at random
-        torch.manual_seed(seed)
+    with seeded_torch_rng(seed):  # the head's init from ``seed``: torch seeds each process at random
         head = LinearHead(backbone.embed_dim, train.n_classes)
     model = Classifier(backbone, head)
     # our assumptions: head lr aug_lr, backbone lr aug_lr / 10, rotation 7 deg (seed 003), no flip (laterality)

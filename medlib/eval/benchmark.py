@@ -46,6 +46,7 @@ from ..data.sources import load_source
 from ..data.splits import evenly_spaced_indices, patient_split
 from ..models.adapters import LORA_DEFAULT_TARGETS, apply_bitfit, apply_lora, trainable_parameter_report
 from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone, get_spec, load_model_card
+from ..models.health import draw_gains_text
 from ..reporting import overlay_masks, paper_vs_ours
 from . import fewshot, segmentation
 from .features import FeatureSet, extract_features
@@ -181,7 +182,7 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
         rows.append({"backbone": name, "passed": bool(health.get("passed")),
                      "own_task_auroc_gain": float(health.get("own_task", {}).get("auroc_gain", float("nan"))),
                      "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
-                     "gain_per_draw": " / ".join(f"{d['mean_auroc_gain']:+.3f}" for d in health.get("draws", [])),
+                     "gain_per_draw": draw_gains_text(health),
                      "transfer_passed": bool(health.get("transfer_passed", health.get("passed"))),
                      "natural_auroc_gain": float(health.get("natural_auroc_gain", float("nan"))),
                      "criterion": health.get("criterion", ""), "training": length, "device": card.get("device", "")})

@@ -45,7 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..cache import array_fingerprint, artifact_dir, file_hash, load_npy, save_json, save_npy, stable_hash
-from ..config import Profile, cache_dir, get_profile, override
+from ..config import Profile, cache_dir, get_profile, override, seeded_torch_rng
 from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.splits import grouped_kfold, patient_split
@@ -242,8 +242,7 @@ def build_medical_cnn(profile: Profile | str, device: str = "auto", progress: bo
         split = patient_split(ds, fractions=(0.8, 0.1, 0.1), seed=p.seed)
         train, val, test = (ds.subset(split[k]) for k in ("train", "val", "test"))
         init = create_backbone("efficientnet-lite0.in1k", image_size=size)
-        with torch.random.fork_rng(devices=[]):  # the head's init from the seed: torch seeds each process at random
-            torch.manual_seed(p.seed)
+        with seeded_torch_rng(p.seed):  # the head's init from the seed: torch seeds each process at random
             head = LinearHead(init.embed_dim, ds.n_classes)
         clf = Classifier(init.train(), head)
         cfg = FinetuneConfig(epochs=p.eval.cv_medical_epochs, batch_size=32, lr=1e-3, backbone_lr=1e-4,

@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 
 from ..cache import array_fingerprint, artifact_dir, file_hash, save_json, save_npy, stable_hash
-from ..config import Profile, get_profile
+from ..config import Profile, get_profile, seeded_torch_rng
 from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.sources import load_source
@@ -502,8 +502,7 @@ def finetune_run(backbone: Backbone, ds: ImageSet, split: Mapping[str, np.ndarra
         # a last batch of one image breaks BatchNorm in training mode; one more per batch avoids it (rare)
         cfg = dataclasses.replace(cfg, batch_size=_batch_without_singleton(len(train), cfg.batch_size))
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch_rng(seed):
         net = copy.deepcopy(backbone)
         for param in net.parameters():
             param.requires_grad_(True)  # full fine-tuning: every parameter trains (seed 003)

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import Profile, get_profile, resolve_device
+from ..config import Profile, get_profile, resolve_device, seeded_torch_rng
 from ..models.heads import LinearHead
 from .features import FeatureSet, concat_features
 from .metrics import auroc_per_label, classification_metrics, multiclass_auroc_per_class
@@ -152,8 +152,7 @@ def train_heads(configs: Sequence[ProbeConfig], train: FeatureSet, *, epochs: in
     device = resolve_device(device)
     per_epoch = iterations_per_epoch or int(np.ceil(len(train) / batch_size))
     total = epochs * per_epoch
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch_rng(seed):
         heads = AllHeads(configs, train.dim, train.n_classes)
     heads.to(device).train()
     groups = [{"params": head.parameters(), "lr": cfg.lr} for cfg, head in zip(heads.configs, heads.heads)]

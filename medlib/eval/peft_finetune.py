@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Profile, get_profile
+from ..config import Profile, get_profile, seeded_torch_rng
 from ..data.imageset import ImageSet
 from ..data.transforms import ClassificationTransform
 from ..models.adapters import apply_bitfit, apply_lora, freeze, trainable_parameter_report
@@ -228,8 +228,7 @@ def finetune_backbone(backbone: Backbone | str, mode: str, train: ImageSet, val:
         if ds is not None and ds.task not in ("multilabel", "binary", "multiclass"):
             raise ValueError(f"{role} set {ds.name!r} has task {ds.task!r}; fine-tuning needs class labels")
     cfg = _effective_config(mode, cfg, profile)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch_rng(seed):
         net = create_backbone(backbone, image_size=image_size) if isinstance(backbone, str) else copy.deepcopy(backbone)
         prepare_backbone(net, mode, lora_r, lora_alpha, lora_dropout)
         model = FrozenAwareClassifier(net, LinearHead(net.embed_dim, len(train.label_names)))

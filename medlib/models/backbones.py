@@ -49,7 +49,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..config import cache_dir
+from ..config import cache_dir, seeded_torch_rng
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 WEIGHTS_DIR_ENV = "MEDLIB_WEIGHTS_DIR"
@@ -436,12 +436,11 @@ def create_backbone(
         raise ValueError(f"create_backbone({name!r}): seed={seed} picks the init of a random-* backbone; "
                          f"{name!r} loads weights ({spec.source}).")
     if spec.source == "random":
-        with torch.random.fork_rng(devices=[]):  # a pure function of (name, seed): the caller's RNG is untouched
-            torch.manual_seed(0 if seed is None else seed)
+        with seeded_torch_rng(0 if seed is None else seed):  # a pure function of (name, seed)
             model = _build_timm_model(spec, None, image_size=image_size, drop_path_rate=drop_path_rate)
         return Backbone(model, spec, image_size=image_size, weights_path=None).eval()
     path: Path | None = None
-    if pretrained and spec.source != "random":
+    if pretrained:  # random-* returned above
         path = Path(weights) if weights is not None else _find_weights(spec)
         if path is None:
             raise _missing_weights_error(spec)

@@ -253,6 +253,11 @@ def draw_summary(tasks: dict[str, dict[str, dict[str, float]]], seed: int) -> di
             "task_gains": {t: float(v["trained"]["auroc"] - v["random_init"]["auroc"]) for t, v in tasks.items()}}
 
 
+def draw_gains_text(health: dict) -> str:
+    """The criterion's gain in each held-out draw of a health record, e.g. "+0.073 / +0.038 / +0.027" ("" if none)."""
+    return " / ".join(f"{d['mean_auroc_gain']:+.3f}" for d in health.get("draws", []))
+
+
 def health_check(model: torch.nn.Module, suffix: str, profile: Profile, device: str = "cpu",
                  own_task: "ImageSet | None" = None, draws: int = HEALTH_DRAWS) -> dict:  # noqa: F821
     """kNN AUROC gains over random init; passed on the phantom-task gain under shift averaged over ``draws`` held-out
