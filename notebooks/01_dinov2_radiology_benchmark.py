@@ -5,8 +5,6 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python (medlib)
 #     language: python
@@ -96,7 +94,9 @@ backbone_table
 # from another scanner - because the phantoms as generated code several labels in raw intensity,
 # which a random network keeps without learning anything (*our assumption*; the card keeps the
 # unshifted scores too). A supervised stand-in is judged on a held-out set of its own task instead
-# (`own_task_auroc_gain`; its transfer to the phantom tasks is `mean_auroc_gain`, recorded, not judged).
+# (`own_task_auroc_gain`; its transfer to the phantom tasks is `mean_auroc_gain`, recorded, not judged),
+# and an SSL stand-in continued on one domain (`ssl-us`, `ssl-knee`, notebook 03) on its domain's task
+# (`domain_auroc_gain`, with a transfer mean above zero; *our reading*, see the README).
 # A natural-shapes task is scored beside the phantoms (`natural_auroc_gain`), not judged: it is the
 # training distribution of the natural stand-ins, so it measures their own domain, not transfer.
 # The SSL verdict averages three held-out draws of images and shift (`gain_per_draw`): one draw alone

@@ -185,12 +185,19 @@ def test_model_card_health_reads_embedded_cards_only(monkeypatch):
                                    "health": {"passed": True, "transfer_passed": False, "mean_auroc_gain": -0.02,
                                               "natural_auroc_gain": 0.01, "own_task": {"auroc_gain": 0.2},
                                               "draws": [{"mean_auroc_gain": -0.01}, {"mean_auroc_gain": -0.03}],
-                                              "criterion": "own"}}}
+                                              "criterion": "own"}},
+             "ssl-us-vit-smoke": {"device": "cpu", "training": {"steps": 2},
+                                  "health": {"passed": True, "transfer_passed": True, "mean_auroc_gain": 0.04,
+                                             "domain": {"tasks": ["breast_us_malignant"], "auroc_gain": 0.07},
+                                             "criterion": "domain"}}}
     monkeypatch.setattr(bm, "load_model_card", lambda name: cards[name])
     table = bm.model_card_health(["ssl-natural-vit-smoke", "sup-natural-vit-smoke", "random-vit-smoke",
-                                  "efficientnet-lite0.in1k", "sup-cxr-vit-smoke"])
+                                  "efficientnet-lite0.in1k", "sup-cxr-vit-smoke", "ssl-us-vit-smoke"])
     records = table.to_dict("records")
-    assert len(records) == 2 and np.isnan(records[0].pop("own_task_auroc_gain"))  # SSL: judged on transfer
+    assert len(records) == 3 and np.isnan(records[0].pop("own_task_auroc_gain"))  # SSL: judged on transfer
+    assert records[2]["domain_auroc_gain"] == 0.07 and records[2]["passed"]  # continued SSL: on its domain
+    records = records[:2]
+    assert all(np.isnan(r.pop("domain_auroc_gain")) for r in records)
     assert np.isnan(records[0].pop("natural_auroc_gain"))  # a card written before the natural task was split out
     assert records == [{"backbone": "ssl-natural-vit-smoke", "passed": False, "mean_auroc_gain": -0.05, "gain_per_draw": "",
                         "transfer_passed": False, "criterion": "gain", "training": "4 steps", "device": "cpu"},

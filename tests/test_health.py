@@ -255,3 +255,66 @@ def test_own_task_scores_reject_unlabelled_sets_and_too_few_patients():
                    patient_ids=np.array(["a", "a", "b", "b", "c", "c"]), name="few")
     with pytest.raises(ValueError, match="4 patients"):
         own_task_scores(_QuadrantMeans(), [], few, size=16)
+
+
+def test_domain_tasks_map_a_recipes_data_to_its_phantom_tasks():
+    from medlib.models.health import domain_tasks
+
+    assert domain_tasks(("knee",)) == ("knee_acl",)
+    assert domain_tasks(("breast_us", "thyroid_us")) == ("breast_us_malignant",)
+    assert domain_tasks(["ct:2", "knee"]) == ("ct_organ", "knee_acl")  # sites ignored, criterion order kept
+    assert domain_tasks(("natural",)) == () and domain_tasks(("cxr:5",)) == ()
+
+
+def _synthetic_draws(monkeypatch, gains_per_draw):
+    """health_check on made-up per-task gains (trained = 0.5 + gain, random init = 0.5), one dict per draw."""
+    from medlib.models import health as H
+
+    draws = iter(gains_per_draw)
+
+    def fake_score_draw(model, twins, profile, size, device, unshifted):
+        gains = next(draws)
+        tasks = {t: {"trained": {"auroc": 0.5 + g}, "random_init": {"auroc": 0.5}} for t, g in gains.items()}
+        return tasks, (tasks if unshifted else {}), 10
+
+    monkeypatch.setattr(H, "_score_draw", fake_score_draw)
+    monkeypatch.setattr(H, "random_init_twins", lambda suffix: [])
+
+
+def test_domain_criterion_judges_the_domain_task_and_requires_no_collapse_elsewhere(monkeypatch):
+    """Known values: a knee continuation gains 0.06 on knee ACL; it passes while transfer stays above zero."""
+    from medlib.config import get_profile
+    from medlib.models.health import HEALTH_MARGIN, health_check
+
+    profile = get_profile("smoke")
+    forgetful = {"ct_organ": 0.01, "knee_acl": 0.06, "breast_us_malignant": -0.01, "natural_class": -0.04}
+    _synthetic_draws(monkeypatch, [forgetful] * 3)
+    health = health_check(None, "vit-smoke", profile, domain=("knee_acl",))
+    assert health["domain"]["tasks"] == ["knee_acl"] and health["domain"]["per_draw"] == pytest.approx([0.06] * 3)
+    assert health["mean_auroc_gain"] == pytest.approx(0.02) and not health["transfer_passed"]  # recorded, not judged
+    assert health["passed"] and "domain" in health["criterion"]
+    collapsed_elsewhere = dict(forgetful, ct_organ=-0.08)  # transfer mean -0.01: below random init elsewhere
+    _synthetic_draws(monkeypatch, [collapsed_elsewhere] * 3)
+    health = health_check(None, "vit-smoke", profile, domain=("knee_acl",))
+    assert health["mean_auroc_gain"] == pytest.approx(-0.01) and health["domain"]["auroc_gain"] == pytest.approx(0.06)
+    assert not health["passed"]
+    weak = [dict(forgetful, knee_acl=g) for g in (0.06, 0.02, 0.0)]  # mean 0.027 < margin: fails
+    _synthetic_draws(monkeypatch, weak)
+    health = health_check(None, "vit-smoke", profile, domain=("knee_acl",))
+    assert health["domain"]["auroc_gain"] == pytest.approx(0.08 / 3) and 0.08 / 3 < HEALTH_MARGIN
+    assert not health["passed"]
+    _synthetic_draws(monkeypatch, [forgetful] * 3)  # the same gains judged on transfer (no domain): fails
+    assert not health_check(None, "vit-smoke", profile)["passed"]
+
+
+def test_domain_criterion_rejects_bad_tasks_and_a_second_criterion():
+    from medlib.config import get_profile
+    from medlib.models.health import health_check
+
+    profile = get_profile("smoke")
+    with pytest.raises(ValueError, match="domain tasks"):
+        health_check(None, "vit-smoke", profile, domain=("natural_class",))
+    with pytest.raises(ValueError, match="domain tasks"):
+        health_check(None, "vit-smoke", profile, domain=())
+    with pytest.raises(ValueError, match="not both"):
+        health_check(None, "vit-smoke", profile, domain=("knee_acl",), own_task=_quadrant_coded_set())

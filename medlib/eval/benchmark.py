@@ -161,13 +161,14 @@ def load_backbones(names: Sequence[str], image_size: int | None = None, skip_mis
 def model_card_health(names: Sequence[str]) -> pd.DataFrame:
     """The recorded health check of each embedded backbone among ``names`` (kNN AUROC gain over random init).
 
-    Columns: backbone, passed, own_task_auroc_gain (supervised backbones: the criterion), mean_auroc_gain
+    Columns: backbone, passed, own_task_auroc_gain (supervised backbones: the criterion), domain_auroc_gain (SSL
+    continued on a domain: the criterion, its domain's held-out phantom task), mean_auroc_gain
     (transfer to the phantom tasks under shift, mean over held-out draws: the SSL criterion), gain_per_draw (that
     gain in each draw, e.g. "+0.07 / +0.04 / +0.03"), transfer_passed, natural_auroc_gain (the natural-shapes task,
     recorded beside it), criterion, training, device. Keys a card predates are NaN / empty.
     Backbones that are not project-trained, or have no model card, are left out.
     """
-    columns = ["backbone", "passed", "own_task_auroc_gain", "mean_auroc_gain", "gain_per_draw", "transfer_passed",
+    columns = ["backbone", "passed", "own_task_auroc_gain", "domain_auroc_gain", "mean_auroc_gain", "gain_per_draw", "transfer_passed",
                "natural_auroc_gain", "criterion", "training", "device"]
     rows = []
     for name in names:
@@ -181,6 +182,7 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
                   f"{training['epochs']} epochs" if "epochs" in training else "")
         rows.append({"backbone": name, "passed": bool(health.get("passed")),
                      "own_task_auroc_gain": float(health.get("own_task", {}).get("auroc_gain", float("nan"))),
+                     "domain_auroc_gain": float(health.get("domain", {}).get("auroc_gain", float("nan"))),
                      "mean_auroc_gain": float(health.get("mean_auroc_gain", float("nan"))),
                      "gain_per_draw": draw_gains_text(health),
                      "transfer_passed": bool(health.get("transfer_passed", health.get("passed"))),
