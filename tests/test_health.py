@@ -194,9 +194,10 @@ def test_draw_summary_known_values():
 
 
 def test_draw_gains_text_formats_each_draw_and_is_empty_without_draws():
-    from medlib.models.health import draw_gains_text
+    from medlib.models.health import draw_gains_text, gains_text
 
     assert draw_gains_text({"draws": [{"mean_auroc_gain": 0.0731}, {"mean_auroc_gain": -0.02}]}) == "+0.073 / -0.020"
+    assert gains_text([0.0731, -0.02]) == "+0.073 / -0.020" and gains_text([]) == ""
     assert draw_gains_text({"mean_auroc_gain": 0.05}) == ""
 
 

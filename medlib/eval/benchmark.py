@@ -168,8 +168,8 @@ def model_card_health(names: Sequence[str]) -> pd.DataFrame:
     recorded beside it), criterion, training, device. Keys a card predates are NaN / empty.
     Backbones that are not project-trained, or have no model card, are left out.
     """
-    columns = ["backbone", "passed", "own_task_auroc_gain", "domain_auroc_gain", "mean_auroc_gain", "gain_per_draw", "transfer_passed",
-               "natural_auroc_gain", "criterion", "training", "device"]
+    columns = ["backbone", "passed", "own_task_auroc_gain", "domain_auroc_gain", "mean_auroc_gain", "gain_per_draw",
+               "transfer_passed", "natural_auroc_gain", "criterion", "training", "device"]
     rows = []
     for name in names:
         if get_spec(name).source != "embedded":

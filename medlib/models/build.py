@@ -28,8 +28,8 @@ import torch
 
 from ..cache import git_commit, stable_hash
 from ..config import Profile, cache_dir, get_profile, override, resolve_device
-from .health import (HEALTH_DRAWS, HEALTH_MARGIN, domain_tasks, draw_gains_text, extract_cls,  # noqa: F401  (re-exported)
-                     health_check)
+from .health import (HEALTH_DRAWS, HEALTH_MARGIN, domain_tasks, draw_gains_text, extract_cls,  # noqa: F401
+                     gains_text, health_check)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 COMMITTED_SUFFIXES = ("vit-tiny",)  # the profile whose weights are committed
@@ -154,18 +154,22 @@ def _health(name: str, model: torch.nn.Module, profile: Profile, device: str, dr
     family, suffix = split_name(name)
     recipe = RECIPES[family]
     size = max(64, EMBEDDED_ARCHS[suffix][1]["img_size"])
-    domain = domain_tasks(recipe.data) if recipe.kind == "ssl" and recipe.init else None
+    domain = domain_tasks(recipe.data) if recipe.init else ()  # only SSL recipes continue from weights
     return health_check(model, suffix, profile, device, own_task=own_task_data(recipe, profile, size),
                         draws=draws, domain=domain or None)
 
 
 def _health_summary(health: dict) -> str:
     """One line: verdict, the criterion's number and the transfer gains."""
-    own = f"own-task kNN AUROC gain {health['own_task']['auroc_gain']:+.3f}; " if "own_task" in health else ""
-    if "domain" in health:
-        own = (f"domain kNN AUROC gain {health['domain']['auroc_gain']:+.3f} on {', '.join(health['domain']['tasks'])} "
-               f"(per draw {' / '.join(f'{g:+.3f}' for g in health['domain']['per_draw'])}); ")
-    return (f"{'PASSED' if health['passed'] else 'FAILED'} ({own}mean kNN AUROC gain over random init "
+    if "own_task" in health:
+        judged = f"own-task kNN AUROC gain {health['own_task']['auroc_gain']:+.3f}; "
+    elif "domain" in health:
+        domain = health["domain"]
+        judged = (f"domain kNN AUROC gain {domain['auroc_gain']:+.3f} on {', '.join(domain['tasks'])} "
+                  f"(per draw {gains_text(domain['per_draw'])}); ")
+    else:
+        judged = ""
+    return (f"{'PASSED' if health['passed'] else 'FAILED'} ({judged}mean kNN AUROC gain over random init "
             f"{health['mean_auroc_gain']:+.3f} under acquisition shift (per draw {draw_gains_text(health) or 'n/a'}), "
             f"{health['mean_auroc_gain_unshifted']:+.3f} unshifted)")
 
