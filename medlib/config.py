@@ -103,7 +103,7 @@ class EvalConfig:
     seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (seed 002)
     seg_batch_size: int = 8  # segmentation batch (not given by seed 002; small batches give more steps)
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
-    # study 2 (seed 003): initialisations compared by full fine-tuning (medlib.eval.initialisation); paper values
+    # study 2 (seed 003): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values
     init_arms: tuple[str, ...] = ("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "sup-cxr-vit-tiny",
                                   "efficientnet-lite0.in1k")  # SSL natural, sup. natural, sup. medical, CNN ref.
     init_sites: tuple[int, ...] = (0, 1, 2, 3, 4)  # chest phantom sites = the paper's data sets (never site 5)
@@ -114,7 +114,7 @@ class EvalConfig:
     init_head_lr: float = 1e-5  # head learning rate (seed 003: one rate for the whole network)
     init_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # data-size ablation (our assumption)
     init_ablation_site: int = 1  # the site whose train split is subsampled
-    # study 3 (seed 001): 5-fold cross-validated fine-tuning grid (medlib.eval.crossval); paper values as defaults
+    # study 3 (seed 001): 5-fold cross-validated fine-tuning grid (medlib.studies.radimagenet_ssl_continuation); paper values as defaults
     cv_images: int = 0  # images per evaluation task (0 = data.n_per_dataset)
     cv_epochs: int = 30  # fine-tuning epochs per fold (best val-loss epoch restored)
     cv_lrs: tuple[float, ...] = (1e-5, 1e-6)  # learning-rate grid (seed 001)

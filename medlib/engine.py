@@ -4,6 +4,7 @@
   runs unchanged under ``accelerate launch --multi_gpu`` (DDP), with bf16 autocast on GPUs that have it.
 - :class:`Checkpointer` keeps one "latest" checkpoint per run folder, written atomically and read back
   with ``torch.load(weights_only=True)``: only tensors and plain Python values, never arbitrary pickles.
+- :func:`equal_step_epochs` gives a smaller training set as many optimiser steps as the full one had.
 - :func:`derive_seed` makes per-step seeds a pure function of ``(seed, step, rank, ...)``, so a resumed
   run draws exactly what an uninterrupted run would have drawn.
 """
@@ -41,6 +42,15 @@ def derive_seed(*parts: int | str) -> int:
         raise ValueError(f"derive_seed needs non-negative parts, got {parts}.")
     state = np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def equal_step_epochs(n_images: int, n_train: int, batch_size: int, epochs: int) -> int:
+    """Epochs that give ``n_images`` training images as many optimiser steps as ``epochs`` over ``n_train`` images."""
+    if min(n_images, n_train, batch_size, epochs) < 1:
+        raise ValueError(f"equal_step_epochs needs positive sizes, got n_images={n_images}, n_train={n_train}, "
+                         f"batch_size={batch_size}, epochs={epochs}")
+    steps = epochs * int(np.ceil(n_train / batch_size))
+    return int(np.ceil(steps / np.ceil(n_images / batch_size)))
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "auto", **kwargs: Any):

@@ -48,7 +48,7 @@ import time
 import pandas as pd
 
 from medlib.config import notebook_profile
-from medlib.eval import benchmark as bm
+from medlib.studies import radiology_benchmark as study
 from medlib.eval.patch_pca import patch_pca_rgb, plot_patch_pca
 from medlib.reporting import save_figure, save_table, set_style
 
@@ -66,9 +66,9 @@ print(f"profile={p.name} on {device}: {p.data.n_per_dataset} images per data set
 # once. In `paper` the data sets come from the sources the profile names.
 
 # %%
-datasets = bm.load_datasets(p, progress=True)
-splits = bm.make_splits(datasets, seed=p.seed)
-data_table = bm.describe_datasets(datasets, splits)
+datasets = study.load_datasets(p, progress=True)
+splits = study.make_splits(datasets, seed=p.seed)
+data_table = study.describe_datasets(datasets, splits)
 save_table(data_table, "01_datasets", p)
 data_table
 
@@ -80,9 +80,9 @@ data_table
 # present is listed as missing and left out of every table below.
 
 # %%
-backbones, backbone_table = bm.load_backbones(p.backbone.compare, image_size=p.backbone.image_size)
+backbones, backbone_table = study.load_backbones(p.backbone.compare, image_size=p.backbone.image_size)
 save_table(backbone_table, "01_backbones", p)
-ssl_name = bm.primary_backbone(backbones)  # the DINOv2 stand-in (else the first ViT) for sections 4-6
+ssl_name = study.primary_backbone(backbones)  # the DINOv2 stand-in (else the first ViT) for sections 4-6
 vits = {name: bb for name, bb in backbones.items() if bb.kind == "vit"}
 print(f"{ssl_name} plays DINOv2 in the fine-tuning, few-shot segmentation and PCA sections")
 backbone_table
@@ -105,7 +105,7 @@ backbone_table
 # below show.
 
 # %%
-health = bm.model_card_health(list(backbones))
+health = study.model_card_health(list(backbones))
 if len(health):
     save_table(health, "01_backbone_health", p)
 health
@@ -117,7 +117,7 @@ health
 
 # %%
 t0 = time.perf_counter()
-features = bm.extract_all(backbones, datasets, image_size=p.backbone.image_size, batch_size=p.eval.batch_size,
+features = study.extract_all(backbones, datasets, image_size=p.backbone.image_size, batch_size=p.eval.batch_size,
                           device=device)
 print(f"{len(features)} feature sets in {time.perf_counter() - t0:.1f} s")
 
@@ -128,13 +128,13 @@ print(f"{len(features)} feature sets in {time.perf_counter() - t0:.1f} s")
 # k runs over `profile.eval.knn_ks`; the k with the best **validation** AUROC is marked.
 
 # %%
-knn = bm.knn_table(features, splits, p.eval.knn_ks)
+knn = study.knn_table(features, splits, p.eval.knn_ks)
 save_table(knn, "01_knn", p)
 knn_best = knn[knn["selected"]]
 knn.pivot_table(index=["dataset", "backbone"], columns="k", values="test_auroc").round(3)
 
 # %%
-fig = bm.plot_heatmap(knn_best, "backbone", "dataset", "test_auroc",
+fig = study.plot_heatmap(knn_best, "backbone", "dataset", "test_auroc",
                       f"kNN test macro AUROC (k chosen on val) - profile {p.name}")
 save_figure(fig, "01_knn_auroc", p)
 
@@ -155,12 +155,12 @@ save_figure(fig, "01_knn_auroc", p)
 # 45 officially) follows the same protocol. A CNN has one "block", so its grid keeps n = 1 only.
 
 # %%
-probes = bm.probe_table(features, splits, p, device=device)
+probes = study.probe_table(features, splits, p, device=device)
 save_table(probes, "01_linear_probe", p)
 probes.pivot_table(index=["dataset", "backbone"], columns="probe", values="test_auroc").round(3)
 
 # %%
-fig = bm.plot_heatmap(probes[probes["probe"] == "linear grid"], "backbone", "dataset", "test_auroc",
+fig = study.plot_heatmap(probes[probes["probe"] == "linear grid"], "backbone", "dataset", "test_auroc",
                       f"Linear probe test macro AUROC (head chosen on val) - profile {p.name}")
 save_figure(fig, "01_linear_probe_auroc", p)
 
@@ -180,15 +180,15 @@ save_figure(fig, "01_linear_probe_auroc", p)
 
 # %%
 chest = "chest_xray"
-few = bm.few_shot_table(datasets[chest], {b: features[(b, chest)] for b in backbones}, splits[chest], p,
+few = study.few_shot_table(datasets[chest], {b: features[(b, chest)] for b in backbones}, splits[chest], p,
                         device=device)
 save_table(few.summary, "01_fewshot_auroc", p)
 print("skipped:", few.skipped or "none")
 few.summary.pivot_table(index=["backbone", "protocol"], columns="n", values="mean", sort=False).round(3)
 
 # %%
-fig = bm.plot_few_shot(few.summary, f"Few-shot linear probe, chest X-ray phantoms - profile {p.name}",
-                       published=bm.PUBLISHED_FEW_SHOT_NIH, xlabel="patients per class n")
+fig = study.plot_few_shot(few.summary, f"Few-shot linear probe, chest X-ray phantoms - profile {p.name}",
+                       published=study.PUBLISHED_FEW_SHOT_NIH, xlabel="patients per class n")
 save_figure(fig, "01_fewshot_auroc", p)
 
 # %% [markdown]
@@ -203,7 +203,7 @@ save_figure(fig, "01_fewshot_auroc", p)
 # published counterpart.
 
 # %%
-few_vs_paper = bm.few_shot_vs_paper(few.summary, p)
+few_vs_paper = study.few_shot_vs_paper(few.summary, p)
 save_table(few_vs_paper, "01_fewshot_vs_paper", p)
 few_vs_paper.round(3)
 
@@ -217,12 +217,12 @@ few_vs_paper.round(3)
 # frozen backbone stays in eval mode while its head trains (fixed BatchNorm statistics).
 
 # %%
-peft = bm.peft_table({ssl_name: backbones[ssl_name]}, datasets[chest], splits[chest], p, device=device)
+peft = study.peft_table({ssl_name: backbones[ssl_name]}, datasets[chest], splits[chest], p, device=device)
 save_table(peft.table, "01_peft", p)
 peft.table.round(4)
 
 # %%
-fig = bm.plot_peft(peft.table, f"Fine-tuning {ssl_name} on chest X-ray phantoms - profile {p.name}")
+fig = study.plot_peft(peft.table, f"Fine-tuning {ssl_name} on chest X-ray phantoms - profile {p.name}")
 save_figure(fig, "01_peft", p)
 
 # %% [markdown]
@@ -240,8 +240,8 @@ save_figure(fig, "01_peft", p)
 # to its width.
 
 # %%
-models = {**bm.DINOV2_ARCHS, **vits}
-shares = pd.concat([bm.parameter_share_table(models), bm.parameter_share_table(models, targets=("qkv",))])
+models = {**study.DINOV2_ARCHS, **vits}
+shares = pd.concat([study.parameter_share_table(models), study.parameter_share_table(models, targets=("qkv",))])
 save_table(shares, "01_peft_parameter_share", p)
 shares.round(3)
 
@@ -259,8 +259,8 @@ shares.round(3)
 # (the paper gives none; small batches give more updates for the same compute).
 
 # %%
-seg_sets = bm.segmentation_sets({k: datasets[k] for k in ("chest_xray", "ct_organs")}, p)
-seg = bm.segmentation_table(backbones, seg_sets, p, device=device)
+seg_sets = study.segmentation_sets({k: datasets[k] for k in ("chest_xray", "ct_organs")}, p)
+seg = study.segmentation_table(backbones, seg_sets, p, device=device)
 save_table(seg.table, "01_segmentation", p)
 seg.table.pivot_table(index=["backbone", "head"], columns="dataset", values="test_mean_dj", sort=False).round(3)
 
@@ -277,11 +277,11 @@ seg.table.pivot_table(index=["backbone", "head"], columns="dataset", values="tes
 # `profile.eval.seg_epochs` updates, and the curve would measure starvation, not data.
 
 # %%
-seg_few = bm.segmentation_few_shot_table({ssl_name: backbones[ssl_name]}, {chest: seg_sets[chest]}, p,
+seg_few = study.segmentation_few_shot_table({ssl_name: backbones[ssl_name]}, {chest: seg_sets[chest]}, p,
                                          lrs=seg.table, device=device)
-seg_summary = bm.summarize_repeats(seg_few, ["dataset", "backbone", "model"], "mean_dj")
+seg_summary = study.summarize_repeats(seg_few, ["dataset", "backbone", "model"], "mean_dj")
 save_table(seg_summary, "01_segmentation_fewshot", p)
-fig = bm.plot_seg_few_shot(seg_summary, f"Few-shot segmentation, mean of Dice and Jaccard - profile {p.name}")
+fig = study.plot_seg_few_shot(seg_summary, f"Few-shot segmentation, mean of Dice and Jaccard - profile {p.name}")
 save_figure(fig, "01_segmentation_fewshot", p)
 
 # %% [markdown]
@@ -296,14 +296,14 @@ save_figure(fig, "01_segmentation_fewshot", p)
 # set beside it.
 
 # %%
-seg_vs_paper = bm.segmentation_vs_paper(seg_summary, p, backbone=ssl_name)
+seg_vs_paper = study.segmentation_vs_paper(seg_summary, p, backbone=ssl_name)
 save_table(seg_vs_paper, "01_segmentation_vs_paper", p)
 seg_vs_paper.round(3)
 
 # %%
-chest_models = {bm.seg_model_label(b, h): m for (d, b, h), m in seg.models.items()
+chest_models = {study.seg_model_label(b, h): m for (d, b, h), m in seg.models.items()
                 if d == chest and b in (ssl_name, "-")}
-fig = bm.plot_seg_overlays(chest_models, seg_sets["chest_xray"]["test"], p.backbone.image_size, p.data.n_show // 2,
+fig = study.plot_seg_overlays(chest_models, seg_sets["chest_xray"]["test"], p.backbone.image_size, p.data.n_show // 2,
                            f"Chest phantoms: truth and predictions (test images) - profile {p.name}", device=device)
 save_figure(fig, "01_segmentation_overlays", p)
 
@@ -343,7 +343,7 @@ for name, bb in vits.items():
 # frozen U-Net decoder mean(Dice, Jaccard) averaged over the two segmentation data sets.
 
 # %%
-summary = bm.headline_table(knn, probes, few.summary, seg.table, list(backbones))
+summary = study.headline_table(knn, probes, few.summary, seg.table, list(backbones))
 save_table(summary, "01_summary", p)
 print(f"notebook 01 on profile {p.name}: {time.perf_counter() - started:.0f} s")
 summary.round(3)

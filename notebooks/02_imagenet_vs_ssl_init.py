@@ -44,7 +44,7 @@ profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, els
 import time
 
 from medlib.config import notebook_profile
-from medlib.eval import initialisation as init
+from medlib.studies import imagenet_vs_ssl_init as study
 from medlib.reporting import save_figure, save_table, set_style
 
 p = notebook_profile(profile)
@@ -64,25 +64,25 @@ print(f"profile={p.name} on {device}: sites {p.eval.init_sites} with {p.eval.ini
 # stratified on the labels; validation chooses the epoch, test is scored once.
 
 # %%
-datasets = init.load_datasets(p, progress=True)
-splits = init.make_splits(datasets, seed=p.seed)
-data_table = init.describe_datasets(datasets, splits)
+datasets = study.load_datasets(p, progress=True)
+splits = study.make_splits(datasets, seed=p.seed)
+data_table = study.describe_datasets(datasets, splits)
 save_table(data_table, "02_datasets", p)
 data_table
 
 # %%
-init.site_table()
+study.site_table()
 
 # %% [markdown]
 # ## The three initialisations, checked
 # Seed 003's public code loaded the medical checkpoint into its "ImageNet" arm without a word. Here
 # every arm must load the file its name resolves to (and, for our own weights, carry a model card
-# with that name), and no two arms may share weights - `init.verify_arms` raises otherwise. The
+# with that name), and no two arms may share weights - `study.verify_arms` raises otherwise. The
 # `pretrained_on` column is what each arm's weights were built from: no arm may be tested on it.
 
 # %%
-arms, arm_table = init.load_arms(p)
-verified = init.verify_arms(arms)
+arms, arm_table = study.load_arms(p)
+verified = study.verify_arms(arms)
 save_table(verified, "02_arms", p)
 verified
 
@@ -100,15 +100,15 @@ verified
 
 # %%
 t0 = time.perf_counter()
-grid = init.run_grid(arms, datasets, splits, p, device=device, progress=True)
-metrics = init.metrics_table(grid, p)
+grid = study.run_grid(arms, datasets, splits, p, device=device, progress=True)
+metrics = study.metrics_table(grid, p)
 save_table(metrics, "02_auroc", p)
 print(f"{len(grid.runs)} runs in {time.perf_counter() - t0:.0f} s ({int(metrics['cached'].sum())} from the cache)")
 metrics[["dataset", "backbone", "n_train", "auroc", "ci_low", "ci_high", "sensitivity", "specificity",
          "accuracy", "f1", "best_epoch"]].round(3)
 
 # %%
-fig = init.plot_auroc_by_dataset(metrics, f"Test macro AUROC per data set and initialisation - profile {p.name}")
+fig = study.plot_auroc_by_dataset(metrics, f"Test macro AUROC per data set and initialisation - profile {p.name}")
 save_figure(fig, "02_auroc_by_dataset", p)
 
 # %% [markdown]
@@ -126,7 +126,7 @@ save_figure(fig, "02_auroc_by_dataset", p)
 # a tie counts one half (`medlib.eval.stats`). SSL is compared with each supervised initialisation.
 
 # %%
-tests = init.comparison_table(grid, p)
+tests = study.comparison_table(grid, p)
 save_table(tests, "02_bootstrap_tests", p)
 macro = tests[tests["label"] == "macro"]
 macro[["dataset", "comparison", "a_auroc", "b_auroc", "delta mean", "delta ci_low", "delta ci_high", "p", "q"]]
@@ -139,9 +139,9 @@ macro[["dataset", "comparison", "a_auroc", "b_auroc", "delta mean", "delta ci_lo
 # positives.
 
 # %%
-labels = init.label_auroc_table(grid)
+labels = study.label_auroc_table(grid)
 save_table(labels, "02_label_auroc", p)
-fig = init.plot_label_heatmap(labels, f"Per-label test AUROC - profile {p.name}")
+fig = study.plot_label_heatmap(labels, f"Per-label test AUROC - profile {p.name}")
 save_figure(fig, "02_label_auroc", p)
 
 # %% [markdown]
@@ -154,14 +154,14 @@ save_figure(fig, "02_label_auroc", p)
 # the CNN reference is left out to save time. The 100 % point is the run above, read from the cache.
 
 # %%
-ablation_name = init.ablation_dataset(datasets, p)
-ablation = init.run_ablation(arms, ablation_name, datasets[ablation_name], splits[ablation_name], p, device=device,
+ablation_name = study.ablation_dataset(datasets, p)
+ablation = study.run_ablation(arms, ablation_name, datasets[ablation_name], splits[ablation_name], p, device=device,
                              progress=True)
-size_table = init.ablation_table(ablation, p)
-size_tests = init.ablation_tests(ablation, p)
+size_table = study.ablation_table(ablation, p)
+size_tests = study.ablation_tests(ablation, p)
 save_table(size_table, "02_data_size", p)
 save_table(size_tests, "02_data_size_tests", p)
-fig = init.plot_ablation(size_table, f"Test macro AUROC vs training size, {ablation_name} - profile {p.name}")
+fig = study.plot_ablation(size_table, f"Test macro AUROC vs training size, {ablation_name} - profile {p.name}")
 save_figure(fig, "02_auroc_vs_training_size", p)
 size_tests.round(3)
 
@@ -178,12 +178,12 @@ size_tests.round(3)
 # sign and size of the gain is the comparison that means something.
 
 # %%
-paper = init.vs_paper(metrics, p)
+paper = study.vs_paper(metrics, p)
 save_table(paper, "02_vs_paper", p)
 paper.round(4)
 
 # %%
-claims = init.claims_table(tests, metrics, size_tests, p)
+claims = study.claims_table(tests, metrics, size_tests, p)
 save_table(claims, "02_claims", p)
 claims
 

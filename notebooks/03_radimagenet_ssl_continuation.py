@@ -47,7 +47,7 @@ profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, els
 import time
 
 from medlib.config import notebook_profile
-from medlib.eval import crossval as cv
+from medlib.studies import radimagenet_ssl_continuation as study
 from medlib.models.backbones import create_backbone
 from medlib.reporting import save_figure, save_table, set_style
 
@@ -69,9 +69,9 @@ print(f"profile={p.name} on {device}: {p.eval.cv_images or p.data.n_per_dataset}
 # SSL continuation nor the build-time health check has seen them.
 
 # %%
-datasets = cv.load_cv_datasets(p, progress=True)
-folds = {name: cv.make_folds(ds, p.eval.folds, seed=p.seed) for name, ds in datasets.items()}
-fold_table = cv.describe_folds(datasets, folds)
+datasets = study.load_cv_datasets(p, progress=True)
+folds = {name: study.make_folds(ds, p.eval.folds, seed=p.seed) for name, ds in datasets.items()}
+fold_table = study.describe_folds(datasets, folds)
 save_table(fold_table, "03_folds", p)
 fold_table
 
@@ -90,19 +90,19 @@ fold_table
 # `profile.eval.cv_ssl_fallback_steps` steps at most, and the line below says so.
 
 # %%
-continued = {domain: cv.continued_backbone(domain, p, device=device) for domain in cv.DOMAIN_FAMILIES}
+continued = {domain: study.continued_backbone(domain, p, device=device) for domain in study.DOMAIN_FAMILIES}
 for c in continued.values():
     print(c.message)
 
 # %%
-ssl_history = cv.ssl_history_table(continued)
+ssl_history = study.ssl_history_table(continued)
 if len(ssl_history):
     save_table(ssl_history, "03_ssl_history", p)
-    fig = cv.plot_ssl_curves(ssl_history, f"Continued SSL on domain phantoms: loss terms - profile {p.name}")
+    fig = study.plot_ssl_curves(ssl_history, f"Continued SSL on domain phantoms: loss terms - profile {p.name}")
     save_figure(fig, "03_ssl_curves", p)
 else:
     print("no loss history recorded for these weights (their model card has no training.history_sampled)")
-card_health = cv.card_health_table(continued)  # the build-time health check, when a model card records one
+card_health = study.card_health_table(continued)  # the build-time health check, when a model card records one
 if len(card_health):
     save_table(card_health, "03_card_health", p)
     print(card_health.pivot_table(index=["backbone", "task"], columns="model", values="auroc").round(3))
@@ -126,7 +126,7 @@ if len(card_health):
 # out, never replaced silently.
 
 # %%
-models = cv.load_study_models(p, continued, device=device)
+models = study.load_study_models(p, continued, device=device)
 save_table(models.status, "03_models", p)
 models.status
 
@@ -138,9 +138,9 @@ models.status
 
 # %%
 random_vit = create_backbone(f"random-{p.eval.cv_continued_suffix}", image_size=p.backbone.image_size)
-health = cv.knn_health_table(models, datasets, folds, p, device=device, random_init=random_vit)
+health = study.knn_health_table(models, datasets, folds, p, device=device, random_init=random_vit)
 save_table(health, "03_knn_health", p)
-fig = cv.plot_knn_health(health, f"kNN AUROC before / after the continued SSL - profile {p.name}")
+fig = study.plot_knn_health(health, f"kNN AUROC before / after the continued SSL - profile {p.name}")
 save_figure(fig, "03_knn_health", p)
 health.round(3)
 
@@ -162,11 +162,11 @@ health.round(3)
 # execution reads them back, and a killed one resumes at the first missing run.
 
 # %%
-settings = cv.grid_settings(p)
+settings = study.grid_settings(p)
 print("grid:", "; ".join(s.label for s in settings))
-results = cv.select_settings(cv.cross_validate(models, datasets, folds, p, settings, device=device))
+results = study.select_settings(study.cross_validate(models, datasets, folds, p, settings, device=device))
 save_table(results.drop(columns=["selection"]), "03_cv_runs", p)
-restored = cv.restore_check(results)
+restored = study.restore_check(results)
 save_table(restored, "03_restore_check", p)
 restored
 
@@ -181,9 +181,9 @@ restored
 # mean **validation** AUROC (never on test) and report test at that setting.
 
 # %%
-grid = cv.grid_table(results)
+grid = study.grid_table(results)
 save_table(grid, "03_grid", p)
-fig = cv.plot_grid(results, f"Fine-tuning grid: mean test AUROC over tasks and folds - profile {p.name}")
+fig = study.plot_grid(results, f"Fine-tuning grid: mean test AUROC over tasks and folds - profile {p.name}")
 save_figure(fig, "03_grid", p)
 grid.round(3)
 
@@ -193,15 +193,15 @@ grid.round(3)
 # (ResNet-50 IN / RIN, DINOv2 ViT-S/14 and its continuation, 5 folds each).
 
 # %%
-t1 = cv.table1(results)
-t1_vs_paper = cv.table1_vs_paper(t1, p)
+t1 = study.table1(results)
+t1_vs_paper = study.table1_vs_paper(t1, p)
 save_table(t1_vs_paper, "03_table1_vs_paper", p)
-table1_wide = cv.format_table1(t1_vs_paper)
+table1_wide = study.format_table1(t1_vs_paper)
 save_table(table1_wide, "03_table1", p)
 table1_wide
 
 # %%
-fig = cv.plot_folds(results, f"Test AUROC per fold at the chosen setting (black: published mean +- std) - "
+fig = study.plot_folds(results, f"Test AUROC per fold at the chosen setting (black: published mean +- std) - "
                              f"profile {p.name}")
 save_figure(fig, "03_folds_auroc", p)
 

@@ -46,7 +46,7 @@ import pandas as pd
 
 from medlib.config import notebook_profile
 from medlib.diffusion import build
-from medlib.diffusion import experiments as ex
+from medlib.studies import dino_diffusion as study
 from medlib.diffusion.metrics import plot_memorisation
 from medlib.diffusion.vae import reconstruct
 from medlib.reporting import save_figure, save_table, set_style
@@ -71,9 +71,9 @@ print(f"profile={p.name} on {device}: LDM at {cfg.image_size} px, encoder {cfg.e
 
 # %%
 data = build.load_training_images(p, progress=True)
-sites = ex.describe_ldm_data(data)
+sites = study.describe_ldm_data(data)
 save_table(sites, "04_ldm_data", p)
-fig = ex.plot_training_data(data, per_site=min(6, p.data.n_show),
+fig = study.plot_training_data(data, per_site=min(6, p.data.n_show),
                             title=f"LDM training images, one row per site - profile {p.name}")
 save_figure(fig, "04_ldm_data", p)
 sites
@@ -97,7 +97,7 @@ sites
 ldm = build.get_ldm(p, device=device, progress=True)
 pipe = ldm.pipe
 print("LDM weights used:", ldm.source)
-card = ex.model_card_table(ldm)
+card = study.model_card_table(ldm)
 save_table(card, "04_ldm_card", p)
 card
 
@@ -115,11 +115,11 @@ card
 
 # %%
 real = data.heldout[:cfg.n_show]
-recon = ex.reconstructions(pipe, real, p, seed=p.seed)
-new_tokens = ex.manifold_conditions(pipe, data.train, cfg.n_show + 2, k=cfg.manifold_k, seed=p.seed)
-manifold = ex.generate(pipe, tokens=new_tokens, guidance_scale=cfg.guidance_scale,
+recon = study.reconstructions(pipe, real, p, seed=p.seed)
+new_tokens = study.manifold_conditions(pipe, data.train, cfg.n_show + 2, k=cfg.manifold_k, seed=p.seed)
+manifold = study.generate(pipe, tokens=new_tokens, guidance_scale=cfg.guidance_scale,
                        num_inference_steps=cfg.num_inference_steps, seed=p.seed)
-fig = ex.plot_sample_grid(real, reconstruct(pipe.vae, real), recon, manifold,
+fig = study.plot_sample_grid(real, reconstruct(pipe.vae, real), recon, manifold,
                           f"Held-out images, their VAE reconstruction and generations from their tokens "
                           f"- profile {p.name}")
 save_figure(fig, "04_samples", p)
@@ -131,10 +131,10 @@ save_figure(fig, "04_samples", p)
 # description; abrupt jumps mean it has learned a few modes.
 
 # %%
-pairs = ex.choose_pairs(data.heldout_sites, cfg.n_interpolations, seed=p.seed)
+pairs = study.choose_pairs(data.heldout_sites, cfg.n_interpolations, seed=p.seed)
 a, b = data.heldout[pairs[:, 0]], data.heldout[pairs[:, 1]]
-strips, ts = ex.interpolation_strips(pipe, a, b, p, seed=p.seed)
-fig = ex.plot_interpolations(a, b, strips, ts, f"Slerp between two images' global tokens - profile {p.name}")
+strips, ts = study.interpolation_strips(pipe, a, b, p, seed=p.seed)
+fig = study.plot_interpolations(a, b, strips, ts, f"Slerp between two images' global tokens - profile {p.name}")
 save_figure(fig, "04_interpolation", p)
 
 # %% [markdown]
@@ -151,9 +151,9 @@ save_figure(fig, "04_interpolation", p)
 # the encoder is ViT-B/14 reg4). The floor's training images are left out of the near-copy search.
 
 # %%
-sweep = ex.sampling_sweep(pipe, data, p, device=device, progress=True)
+sweep = study.sampling_sweep(pipe, data, p, device=device, progress=True)
 save_table(sweep.table, "04_quality_sweep", p)
-fig = ex.plot_sweep(sweep.table, p, f"Quality against guidance and sampling steps - profile {p.name}", sweep.fd_name)
+fig = study.plot_sweep(sweep.table, p, f"Quality against guidance and sampling steps - profile {p.name}", sweep.fd_name)
 save_figure(fig, "04_quality_sweep", p)
 sweep.table.round(3)
 
@@ -175,7 +175,7 @@ sweep.table.round(3)
 # 1 / training images): the copying that global tokens are meant to prevent.
 
 # %%
-mem = ex.memorisation_study(pipe, data, p, device=device)
+mem = study.memorisation_study(pipe, data, p, device=device)
 save_table(mem.table, "04_memorisation", p)
 fig = plot_memorisation(mem.result, mem.train, mem.synthetic, n_pairs=min(6, len(mem.synthetic)))
 save_figure(fig, "04_memorisation", p)
@@ -198,12 +198,12 @@ mem.table.T
 # noise of its own); `diffusion.aug_synthetic_per_real` synthetic images per real image.
 
 # %%
-downstream, split = ex.load_downstream(p, progress=True)
-aug = ex.augmentation_study(pipe, downstream, split, p, device=device, progress=False)
+downstream, split = study.load_downstream(p, progress=True)
+aug = study.augmentation_study(pipe, downstream, split, p, device=device, progress=False)
 save_table(aug.table, "04_augmentation_runs", p)
 save_table(aug.summary, "04_augmentation", p)
 save_table(aug.comparisons, "04_augmentation_paired", p)
-fig = ex.plot_augmentation(aug.table, f"Classifying {aug.target} with and without synthetic images "
+fig = study.plot_augmentation(aug.table, f"Classifying {aug.target} with and without synthetic images "
                                       f"- profile {p.name}")
 save_figure(fig, "04_augmentation", p)
 aug.summary.round(3)
@@ -238,9 +238,9 @@ aug.comparisons.round(3)
 # lungs and for all three structures.
 
 # %%
-transfer = ex.mask_transfer_study(pipe, downstream, split, p, device=device, progress=False)
+transfer = study.mask_transfer_study(pipe, downstream, split, p, device=device, progress=False)
 save_table(transfer.table, "04_segmentation_transfer", p)
-fig = ex.plot_segmentation(transfer, min(6, p.data.n_show),
+fig = study.plot_segmentation(transfer, min(6, p.data.n_show),
                            f"Mask transfer: synthetic training pairs and real test predictions - profile {p.name}")
 save_figure(fig, "04_segmentation_transfer", p)
 transfer.table.round(3)
@@ -264,11 +264,11 @@ transfer.table.round(3)
 # %%
 n_att = min(cfg.n_attention, len(transfer.test))
 att_images, att_masks = transfer.test.images[:n_att], transfer.test.masks[:n_att]
-maps = ex.cross_attention_maps(pipe, att_images, num_inference_steps=cfg.num_inference_steps, seed=p.seed)
-names = ex.token_names(pipe)
-attention = ex.score_attention_maps(maps, att_masks, names)
+maps = study.cross_attention_maps(pipe, att_images, num_inference_steps=cfg.num_inference_steps, seed=p.seed)
+names = study.token_names(pipe)
+attention = study.score_attention_maps(maps, att_masks, names)
 save_table(attention, "04_segmentation_attention", p)
-fig = ex.plot_attention(att_images[:min(6, n_att)], maps[:min(6, n_att)], att_masks[:min(6, n_att)], names,
+fig = study.plot_attention(att_images[:min(6, n_att)], maps[:min(6, n_att)], att_masks[:min(6, n_att)], names,
                         f"Cross-attention to each global token (lungs outlined) - profile {p.name}")
 save_figure(fig, "04_segmentation_attention", p)
 attention.round(3)
@@ -282,7 +282,7 @@ attention.round(3)
 # ## Summary: the paper's three numbers beside ours
 
 # %%
-headline = ex.headline_table(sweep, aug, transfer, p)
+headline = study.headline_table(sweep, aug, transfer, p)
 save_table(headline, "04_summary", p)
 print(f"notebook 04 on profile {p.name}: {time.perf_counter() - started:.0f} s; LDM weights: {ldm.source}")
 headline

@@ -36,6 +36,7 @@ import torch
 
 from ..cache import array_fingerprint, git_commit, save_json, stable_hash
 from ..config import Profile, cache_dir, get_profile, resolve_device
+from .sampling import to_gray as _to_gray
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 COMMITTED_PROFILES = ("tiny",)  # profiles whose LDM is committed under EMBEDDED_DIR
@@ -127,12 +128,6 @@ def _split_patients(patient_ids: np.ndarray, fraction: float, seed: int) -> np.n
     n_held = min(len(patients) - 1, max(1, int(round(fraction * len(patients)))))
     held = set(rng.permutation(patients)[:n_held].tolist())
     return np.array([pid in held for pid in patient_ids])
-
-
-def _to_gray(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> (N, H, W) by the channel mean; grey input passes through."""
-    arr = np.asarray(images)
-    return arr if arr.ndim == 3 else arr.mean(axis=-1).round().astype(np.uint8)
 
 
 def load_training_images(profile: str | Profile, progress: bool = False) -> LDMData:
@@ -302,7 +297,7 @@ def build_time_quality(pipe: Any, data: LDMData, profile: str | Profile, device:
                        progress: bool = False) -> dict[str, Any]:
     """FID (when ``diffusion.fid``) and FD_SSL of reconstructions of held-out images at the default sampling."""
     from . import metrics
-    from .experiments import generate
+    from .sampling import generate
 
     p = get_profile(profile)
     cfg = p.diffusion

@@ -1,11 +1,12 @@
-"""`python -m medlib.models build|health NAME|all --profile tiny`: build the embedded backbones, or re-check their health."""
+"""`python -m medlib.models build|health|status NAME|all --profile tiny`: build the embedded backbones, re-check their
+health, or say whether the built weights (and the notebook-04 LDM) still match their recipes."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..config import PROFILE_NAMES
-from .build import BUILD_ORDER, build, build_all, recheck_health
+from .build import BUILD_ORDER, backbone_status, build, build_all, recheck_health
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("name", help="e.g. ssl-natural-vit-tiny, or 'all'")
     h.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
     h.add_argument("--device", default="auto")
+    s = sub.add_parser("status", help="fresh / stale / missing for every embedded backbone and the LDM (exit 1 if any is not fresh)")
+    s.add_argument("--profile", default="tiny", choices=PROFILE_NAMES)
     args = parser.parse_args(argv)
+    if args.command == "status":
+        return status(args.profile)
     if args.command == "health":
         from ..config import get_profile
 
@@ -37,6 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         build(args.name, args.profile, **kwargs)
     return 0
+
+
+def status(profile: str) -> int:
+    """Print the state of every embedded backbone of ``profile`` and of its LDM; 0 when all are fresh."""
+    from ..config import get_profile
+    from ..diffusion.build import ldm_status
+
+    suffix = get_profile(profile).backbone.embedded_suffix
+    states = [(f"{f}-{suffix}", *backbone_status(f"{f}-{suffix}", profile)) for f in BUILD_ORDER]
+    states.append(("LDM (notebook 04)", *ldm_status(profile)))
+    for name, state, reason in states:
+        print(f"{state:8s} {name:24s} {reason}")
+    return 0 if all(state == "fresh" for _, state, _ in states) else 1
 
 
 if __name__ == "__main__":

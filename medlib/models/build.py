@@ -18,6 +18,7 @@ Families (names say what the weights are; nothing here is DINOv2):
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -73,12 +74,27 @@ def split_name(name: str) -> tuple[str, str]:
     raise ValueError(f"{name!r} is not an embedded backbone name; families: {', '.join(RECIPES)} + '-<arch>'")
 
 
-def _normalised_source(relative: str, functions: tuple[str, ...] | None = None) -> str:
-    """AST of a medlib file (or of some of its top-level functions) without docstrings: only code changes count."""
-    path = Path(__file__).resolve().parent.parent / relative
-    if not path.exists():
-        return ""
-    tree = ast.parse(path.read_text())
+#: Where each recipe component's code lives now. The keys are frozen names that enter the recipe hash (they
+#: are the files' paths when the weights were first built); when code moves, change the module here, never the
+#: key: the hash covers what the code does, not where it lives, so a move leaves committed weights fresh.
+RECIPE_MODULES = {
+    "ssl/dino.py": "medlib.ssl.dino", "ssl/train.py": "medlib.ssl.train",
+    "eval/finetune.py": "medlib.eval.finetune", "data/transforms.py": "medlib.data.transforms",
+    "data/splits.py": "medlib.data.splits", "models/heads.py": "medlib.models.heads",
+    "models/build.py": "medlib.models.build",
+    "diffusion/train.py": "medlib.diffusion.train", "diffusion/vae.py": "medlib.diffusion.vae",
+    "diffusion/pipeline.py": "medlib.diffusion.pipeline", "diffusion/build.py": "medlib.diffusion.build",
+}
+
+
+def _normalised_source(component: str, functions: tuple[str, ...] | None = None) -> str:
+    """AST of a recipe component's module (or of some of its top-level functions) without docstrings."""
+    if component not in RECIPE_MODULES:
+        raise KeyError(f"{component!r} is not a recipe component; known: {', '.join(RECIPE_MODULES)}")
+    spec = importlib.util.find_spec(RECIPE_MODULES[component])
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"recipe component {component!r}: module {RECIPE_MODULES[component]!r} not found")
+    tree = ast.parse(Path(spec.origin).read_text())
     if functions is not None:
         tree = ast.Module(body=[n for n in tree.body if getattr(n, "name", None) in functions], type_ignores=[])
     for node in ast.walk(tree):
@@ -272,6 +288,20 @@ def _build_supervised(recipe: Recipe, suffix: str, profile: Profile, device: str
     info = {"epochs": cfg.epochs, "images": len(train), "data": data.name, "selection": res.selection,
             "best_epoch_metrics": {k: round(float(v), 4) for k, v in last.items()}, "held_out_test": held_out}
     return res.model.backbone, info
+
+
+def backbone_status(name: str, profile: str | Profile = "tiny") -> tuple[str, str]:
+    """("fresh" | "stale" | "missing", reason) of one embedded backbone's weights against its current recipe."""
+    p = get_profile(profile)
+    _, suffix = split_name(name)
+    out = output_dir(suffix)
+    weights, card_path = out / f"{name}.safetensors", out / f"{name}.json"
+    if not (weights.exists() and card_path.exists()):
+        return "missing", f"no {weights.name} + {card_path.name} in {out} (make backbones PROFILE={p.name})"
+    built, expected = json.loads(card_path.read_text()).get("recipe_hash"), recipe_hash(name, p)
+    if built != expected:
+        return "stale", f"built from recipe {built}, the recipe is now {expected} (make backbones PROFILE={p.name})"
+    return "fresh", f"matches recipe {expected}"
 
 
 def build(name: str, profile: str | Profile = "tiny", device: str = "auto", progress: bool = True,

@@ -11,7 +11,7 @@ import torch
 
 from medlib.config import PROFILE_NAMES, get_profile, override
 from medlib.data import phantoms
-from medlib.eval import initialisation as init
+from medlib.studies import imagenet_vs_ssl_init as init
 from medlib.eval.finetune import FinetuneConfig
 from medlib.models.backbones import WeightsNotFoundError, backbone_info, create_backbone
 

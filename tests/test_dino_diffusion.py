@@ -14,7 +14,7 @@ import torch
 from medlib.config import PROFILE_NAMES, get_profile, override
 from medlib.data.imageset import ImageSet
 from medlib.diffusion import build as B
-from medlib.diffusion import experiments as X
+from medlib.studies import dino_diffusion as X
 from medlib.engine import derive_seed
 from medlib.models.backbones import get_spec
 
@@ -122,7 +122,7 @@ def test_card_records_what_the_issue_asks(built):
 
 
 def test_model_card_table_names_only_the_tokens_the_encoder_has(built):
-    from medlib.diffusion import experiments as ex
+    from medlib.studies import dino_diffusion as ex
 
     table = dict(ex.model_card_table(built).values.tolist())
     used = ex.token_names(built)

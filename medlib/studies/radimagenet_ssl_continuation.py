@@ -54,7 +54,7 @@ from ..models.backbones import (
     Backbone, BackboneSpec, WeightsNotFoundError, create_backbone, get_spec, load_model_card,
 )
 from ..models.heads import LinearHead, MLPHead
-from .finetune import Classifier, FinetuneConfig, evaluate_loss, make_loss, macro_auroc, predict, train_classifier
+from ..eval.finetune import Classifier, FinetuneConfig, evaluate_loss, make_loss, macro_auroc, predict, train_classifier
 
 CV_SEED_OFFSET = 2000  # evaluation phantoms: not the continuation's images (seed + 0) nor the health check's (+1000)
 MEDICAL_SEED_OFFSET = 3000  # the medical CNN stand-in's pre-training phantoms: disjoint from all of the above

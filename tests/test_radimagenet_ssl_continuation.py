@@ -8,7 +8,7 @@ from torch import nn
 
 from medlib.config import get_profile, override
 from medlib.data import ImageSet
-from medlib.eval import crossval as cv
+from medlib.studies import radimagenet_ssl_continuation as cv
 from medlib.eval.finetune import Classifier, FinetuneConfig, evaluate_loss, make_loss, train_classifier
 
 

@@ -44,17 +44,18 @@ from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.sources import load_source
 from ..data.splits import evenly_spaced_indices, patient_split
+from ..engine import equal_step_epochs
 from ..models.adapters import LORA_DEFAULT_TARGETS, apply_bitfit, apply_lora, trainable_parameter_report
 from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone, get_spec, load_model_card
 from ..models.health import draw_gains_text
 from ..reporting import overlay_masks, paper_vs_ours
-from . import fewshot, segmentation
-from .features import FeatureSet, extract_features
-from .knn import knn_predict_proba
-from .linear import linear_probe, logistic_regression_probe
-from .metrics import classification_metrics
-from .mlknn import MLkNN
-from .peft_finetune import MODES, default_config, finetune_backbone
+from ..eval import fewshot, segmentation
+from ..eval.features import FeatureSet, extract_features
+from ..eval.knn import knn_predict_proba
+from ..eval.linear import linear_probe, logistic_regression_probe
+from ..eval.metrics import classification_metrics
+from ..eval.mlknn import MLkNN
+from ..eval.peft_finetune import MODES, default_config, finetune_backbone
 
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -604,15 +605,6 @@ def seg_model_label(backbone: str, head: str) -> str:
     if head == "scratch":
         return SCRATCH
     return f"{backbone} + {'linear head' if head == 'linear' else 'U-Net decoder'}"
-
-
-def equal_step_epochs(n_images: int, n_train: int, batch_size: int, epochs: int) -> int:
-    """Epochs that give ``n_images`` training images as many optimiser steps as ``epochs`` over ``n_train`` images."""
-    if min(n_images, n_train, batch_size, epochs) < 1:
-        raise ValueError(f"equal_step_epochs needs positive sizes, got n_images={n_images}, n_train={n_train}, "
-                         f"batch_size={batch_size}, epochs={epochs}")
-    steps = epochs * int(np.ceil(n_train / batch_size))
-    return int(np.ceil(steps / np.ceil(n_images / batch_size)))
 
 
 def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],

@@ -60,16 +60,17 @@ from ..config import Profile, get_profile, seeded_torch_rng
 from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.sources import load_source
-from ..data.splits import class_membership, iterative_stratification
+from ..data.splits import class_membership, iterative_stratification, patient_split
+from ..engine import equal_step_epochs
 from ..data.transforms import ClassificationTransform
 from ..models.backbones import (Backbone, BackboneSpec, WeightsNotFoundError, backbone_info, create_backbone,
                                 get_spec, load_model_card)
 from ..models.heads import LinearHead
 from ..reporting import paper_vs_ours
-from . import stats
-from .benchmark import make_splits  # the study-1 split: patient-grouped, stratified 70 / 10 / 20
-from .finetune import Classifier, FinetuneConfig, predict, train_classifier
+from ..eval import stats
+from ..eval.finetune import Classifier, FinetuneConfig, predict, train_classifier
 
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test per site, patient-grouped (our assumption, as in study 1)
 RUN_VERSION = "1"  # bump when the meaning of a cached run changes
 # Seed 003 applies no intensity normalisation. Our assumption: each backbone gets the input statistics it was
 # pre-trained with (per-image min-max, then ImageNet mean / std); in a pilot on the VinDr-CXR-like site
@@ -157,6 +158,12 @@ def _check_sites(p: Profile) -> list[tuple[int, int]]:
         raise ValueError(f"profile {p.name!r}: eval.init_images {sizes} has sizes under 12; a patient-grouped "
                          "train / val / test split needs at least a dozen images")
     return list(zip(sites, sizes))
+
+
+def make_splits(datasets: Mapping[str, ImageSet], seed: int = 0,
+                fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, dict[str, np.ndarray]]:
+    """Patient-grouped, label-stratified train / val / test indices of every data set."""
+    return {name: patient_split(ds, fractions, seed=seed) for name, ds in datasets.items()}
 
 
 def dataset_tag(ds: ImageSet) -> str:
@@ -578,13 +585,6 @@ def fraction_indices(ds: ImageSet, pool: np.ndarray, fraction: float, seed: int 
     while np.isin(inverse, np.flatnonzero(chosen)).sum() < min(2, len(pool)):  # at least two images
         chosen[rng.choice(np.flatnonzero(~chosen))] = True
     return np.sort(pool[chosen[inverse]])
-
-
-def equal_step_epochs(n_images: int, n_train: int, batch_size: int, epochs: int) -> int:
-    """Epochs that give ``n_images`` as many optimiser steps as ``epochs`` over ``n_train`` images (our assumption)."""
-    from .benchmark import equal_step_epochs as _equal
-
-    return _equal(n_images, n_train, batch_size, epochs)
 
 
 def ablation_dataset(datasets: Mapping[str, ImageSet], profile: Profile | str) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medlib.config import get_profile, override
-from medlib.eval import benchmark as bm
+from medlib.studies import radiology_benchmark as bm
 from medlib.eval.features import FeatureSet, extract_features
 from medlib.models.backbones import WeightsNotFoundError, create_backbone
 

@@ -2,17 +2,17 @@
 
 Notebook 04 stays a sequence of short calls to this module and to :mod:`medlib.diffusion.build`:
 
-- generation (:func:`generate`, seeded and batched) in the paper's three modes:
+- generation (:func:`medlib.diffusion.sampling.generate`, seeded and batched) in the paper's three modes:
   :func:`reconstructions` (several seeds conditioned on one real image's global tokens),
   :func:`interpolation_strips` (slerp between two images' tokens, one fixed noise per strip) and
-  :func:`manifold_conditions` (new token sets near the data: Dirichlet mixtures of k nearest real
+  :func:`~medlib.diffusion.sampling.manifold_conditions` (new token sets near the data: Dirichlet mixtures of k nearest real
   neighbours, :func:`medlib.diffusion.pipeline.manifold_sample`);
 - quality: :func:`sampling_sweep` (FID / KID, FD in an SSL space and PRDC against held-out images, per
   guidance scale and number of sampling steps, with a real-vs-real floor), :func:`memorisation_study`;
 - downstream use: :func:`load_downstream` (site-0 chest phantoms with labels and lung / heart masks, a
   site the LDM never saw), :func:`augmentation_study` (real, real + synthetic and synthetic-only
   classifiers at several n, AUROC with bootstrap intervals), :func:`mask_transfer_study` (zero-shot
-  segmentation, protocol (a)), :func:`cross_attention_maps` + :func:`score_attention_maps` (protocol (b));
+  segmentation, protocol (a)), :func:`~medlib.diffusion.sampling.cross_attention_maps` + :func:`score_attention_maps` (protocol (b));
 - published figures (:data:`PUBLISHED`) and :func:`headline_table`; figures (``plot_*``).
 
 Every size comes from ``profile.diffusion``; the metrics come from :mod:`medlib.diffusion.metrics`.
@@ -34,8 +34,10 @@ import torch
 from ..config import Profile, get_profile, seeded_torch_rng
 from ..data.imageset import ImageSet
 from ..engine import derive_seed, progress as progress_bar
-from .build import LDMData, LDMHandle, _to_gray
-from .pipeline import DiNODiffusionPipeline, manifold_sample
+from ..diffusion.build import LDMData, LDMHandle
+from ..diffusion.pipeline import DiNODiffusionPipeline
+from ..diffusion.sampling import (check_pipeline, cross_attention_maps, generate, manifold_conditions, to_gray,
+                                 token_names)
 
 #: Published figures of seed 000 (Jimenez-Perez et al., arXiv 2407.11594), as reference/paper_results.md lists them.
 PUBLISHED = pd.DataFrame([
@@ -54,48 +56,9 @@ def _published(metric: str) -> float:
     return float(PUBLISHED.set_index("metric").loc[metric, "value"])
 
 
-def _check_pipe(pipe: Any, where: str) -> DiNODiffusionPipeline:
-    """Accept a pipeline or an LDMHandle; raise a clear TypeError otherwise."""
-    if isinstance(pipe, LDMHandle):
-        pipe = pipe.pipe
-    if not isinstance(pipe, DiNODiffusionPipeline):
-        raise TypeError(f"{where}: needs a DiNODiffusionPipeline (medlib.diffusion.build.get_ldm(profile).pipe), "
-                        f"got {type(pipe).__name__}.")
-    return pipe
-
 
 # --------------------------------------------------------------------------- generation
 
-
-def generate(pipe: DiNODiffusionPipeline | LDMHandle, *, images: np.ndarray | None = None,
-             tokens: np.ndarray | torch.Tensor | None = None, num_images_per_condition: int = 1,
-             guidance_scale: float = 2.0, num_inference_steps: int = 20, seed: int = 0, batch_size: int = 64,
-             progress: bool = False) -> np.ndarray:
-    """Grey uint8 images (N x k, H, W) conditioned on real images' global tokens or on given tokens.
-
-    Conditions are processed in batches of about ``batch_size`` generated images; batch b draws its
-    noise from ``derive_seed(seed, b)`` on the CPU, so results do not depend on the device's RNG.
-    The k images of condition i are rows ``i*k .. i*k + k - 1``.
-    """
-    pipe = _check_pipe(pipe, "generate")
-    if (images is None) == (tokens is None):
-        raise ValueError("generate: pass exactly one of images= (uint8 real images) or tokens= (condition tokens).")
-    if num_images_per_condition < 1 or batch_size < 1 or num_inference_steps < 1:
-        raise ValueError(f"generate: num_images_per_condition={num_images_per_condition}, batch_size={batch_size} "
-                         f"and num_inference_steps={num_inference_steps} must be >= 1.")
-    cond = pipe.encode_condition(images) if images is not None else torch.as_tensor(
-        np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).float().to(pipe.device)
-    if len(cond) == 0:
-        raise ValueError("generate: no conditions given.")
-    per_batch = max(1, batch_size // num_images_per_condition)
-    out = []
-    starts = range(0, len(cond), per_batch)
-    for b, start in enumerate(progress_bar(starts, enabled=progress, desc="sampling", total=len(starts))):
-        generator = torch.Generator().manual_seed(derive_seed(seed, b))
-        batch = pipe(condition_tokens=cond[start:start + per_batch], num_images_per_condition=num_images_per_condition,
-                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generator)
-        out.append(_to_gray(batch))
-    return np.concatenate(out)
 
 
 def _defaults(profile: str | Profile, guidance_scale: float | None, steps: int | None) -> tuple[float, int]:
@@ -141,7 +104,7 @@ def interpolation_strips(pipe: DiNODiffusionPipeline | LDMHandle, images_a: np.n
     Keeping the initial noise fixed along a strip means every change between neighbours comes from the
     condition alone.
     """
-    pipe = _check_pipe(pipe, "interpolation_strips")
+    pipe = check_pipeline(pipe, "interpolation_strips")
     p = get_profile(profile)
     n_steps = p.diffusion.interpolation_steps if n_steps is None else int(n_steps)
     if n_steps < 2:
@@ -157,17 +120,10 @@ def interpolation_strips(pipe: DiNODiffusionPipeline | LDMHandle, images_a: np.n
         tokens = pipe.interpolate(a, b, ts)
         generator = torch.Generator().manual_seed(derive_seed(seed, i))
         noise = torch.randn(shape, generator=generator).repeat(n_steps, 1, 1, 1)
-        strips.append(_to_gray(pipe(condition_tokens=tokens, latents=noise, guidance_scale=g,
+        strips.append(to_gray(pipe(condition_tokens=tokens, latents=noise, guidance_scale=g,
                                     num_inference_steps=s)))
     return np.stack(strips), ts
 
-
-def manifold_conditions(pipe: DiNODiffusionPipeline | LDMHandle, bank_images: np.ndarray, n: int, *, k: int = 5,
-                        seed: int = 0) -> torch.Tensor:
-    """n new condition token sets: Dirichlet mixtures of k nearest neighbours in the bank images' tokens."""
-    pipe = _check_pipe(pipe, "manifold_conditions")
-    bank = pipe.encode_condition(np.asarray(bank_images)).cpu()
-    return manifold_sample(bank, n, k=min(int(k), len(bank)), rng=seed)
 
 
 # --------------------------------------------------------------------------- data tables
@@ -231,7 +187,7 @@ def _quiet_progress() -> Iterator[None]:
 
 def _fd_backbone(profile: Profile):
     from ..models.backbones import create_backbone
-    from . import metrics
+    from ..diffusion import metrics
 
     return create_backbone(metrics.fd_backbone_name(profile))
 
@@ -263,9 +219,9 @@ def sampling_sweep(pipe: DiNODiffusionPipeline | LDMHandle, data: LDMData, profi
     at the default setting, and the **real-vs-real floor** (LDM-training images against the held-out
     ones, same n), which is what a perfect generator would score with this few images.
     """
-    from . import metrics
+    from ..diffusion import metrics
 
-    pipe = _check_pipe(pipe, "sampling_sweep")
+    pipe = check_pipeline(pipe, "sampling_sweep")
     p = get_profile(profile)
     cfg = p.diffusion
     n = min(cfg.n_fid, len(data.heldout), len(data.train))
@@ -322,7 +278,7 @@ def memorisation_study(pipe: DiNODiffusionPipeline | LDMHandle, data: LDMData, p
     the nearest training image is the very image whose tokens conditioned the generation (chance = 1 / N):
     the copy the paper's global-token design is meant to prevent.
     """
-    from . import metrics
+    from ..diffusion import metrics
 
     p = get_profile(profile)
     cfg = p.diffusion
@@ -357,9 +313,9 @@ def _resize_labels(masks: np.ndarray, size: int) -> np.ndarray:
 
 def resize_set(ds: ImageSet, size: int) -> ImageSet:
     """The ImageSet at ``size`` px (images bilinear + antialias, grey; masks nearest)."""
-    from .vae import resize_images
+    from ..diffusion.vae import resize_images
 
-    images = resize_images(_to_gray(np.asarray(ds.images)), size)
+    images = resize_images(to_gray(np.asarray(ds.images)), size)
     masks = None if ds.masks is None else _resize_labels(np.asarray(ds.masks), size)
     return ImageSet(images=images, labels=None if ds.labels is None else np.asarray(ds.labels),
                     label_names=list(ds.label_names), task=ds.task, patient_ids=ds.patient_ids, masks=masks,
@@ -514,7 +470,7 @@ def augmentation_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, sp
     """
     from ..eval.stats import bootstrap_ci
 
-    pipe = _check_pipe(pipe, "augmentation_study")
+    pipe = check_pipeline(pipe, "augmentation_study")
     p = get_profile(profile)
     cfg = p.diffusion
     k, repeats = int(cfg.aug_synthetic_per_real), int(cfg.aug_repeats)
@@ -622,7 +578,7 @@ def mask_transfer_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, s
     """
     from ..eval.segmentation import lr_grid, predict_masks, scratch_unet
 
-    pipe = _check_pipe(pipe, "mask_transfer_study")
+    pipe = check_pipeline(pipe, "mask_transfer_study")
     p = get_profile(profile)
     cfg = p.diffusion
     if ds.masks is None or not ds.mask_names:
@@ -665,82 +621,6 @@ def mask_transfer_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, s
 # --------------------------------------------------------------------------- zero-shot segmentation (b)
 
 
-class _CrossAttentionCapture:
-    """A diffusers attention processor (the plain AttnProcessor's computation) keeping the attention probabilities."""
-
-    def __init__(self, store: list[torch.Tensor]) -> None:
-        self.store = store
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        cross = encoder_hidden_states is not None
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, queries, tokens)
-        if cross:
-            b = hidden_states.shape[0]
-            self.store.append(probs.detach().float().reshape(b, -1, *probs.shape[1:]).mean(dim=1).cpu())
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-@torch.no_grad()
-def cross_attention_maps(pipe: DiNODiffusionPipeline | LDMHandle, images: np.ndarray, *, num_inference_steps: int = 20,
-                         seed: int = 0) -> np.ndarray:
-    """(N, T, h, w) float maps: each condition token's cross-attention share per latent cell.
-
-    The UNet's cross-attention layers (``attn2``) get a capturing processor while the pipeline generates
-    from each image's own tokens without guidance (the conditional branch only); the probabilities are
-    averaged over heads, resized to the latent grid, and averaged over layers and sampling steps.
-    Softmax runs over the T global tokens, so the T maps sum to 1 in every cell: with T = 2 (CLS and
-    pooled) one map is the complement of the other.
-    """
-    pipe = _check_pipe(pipe, "cross_attention_maps")
-    unet = pipe.unet
-    original = dict(unet.attn_processors)
-    if not any(name.endswith("attn2.processor") for name in original):
-        raise ValueError("cross_attention_maps: the UNet has no cross-attention (attn2) layers.")
-    store: list[torch.Tensor] = []
-    capture = _CrossAttentionCapture(store)
-    unet.set_attn_processor({name: capture if name.endswith("attn2.processor") else proc
-                             for name, proc in original.items()})
-    try:
-        generate(pipe, images=np.asarray(images), guidance_scale=1.0, num_inference_steps=num_inference_steps,
-                 seed=seed, batch_size=len(images))
-    finally:
-        unet.set_attn_processor(original)
-    size = int(unet.config.sample_size)
-    total = None
-    for probs in store:  # (B, queries, T)
-        side = int(round(math.sqrt(probs.shape[1])))
-        maps = probs.reshape(probs.shape[0], side, side, probs.shape[2]).permute(0, 3, 1, 2)
-        maps = torch.nn.functional.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-        total = maps if total is None else total + maps
-    return (total / len(store)).numpy()
-
 
 def score_attention_maps(maps: np.ndarray, masks: np.ndarray, token_names: Sequence[str],
                          labels: Sequence[int] = LUNG_LABELS) -> pd.DataFrame:
@@ -776,17 +656,6 @@ def score_attention_maps(maps: np.ndarray, masks: np.ndarray, token_names: Seque
                      "dice_low": float(np.mean(low)) if low else np.nan})
     return pd.DataFrame(rows)
 
-
-def token_names(pipe: DiNODiffusionPipeline | LDMHandle) -> list[str]:
-    """Names of the condition tokens in order: cls, pooled, register_0 ..."""
-    pipe = _check_pipe(pipe, "token_names")
-    names = []
-    for kind in pipe.image_encoder.config.tokens:
-        if kind == "registers":
-            names += [f"register_{i}" for i in range(pipe.image_encoder.backbone.num_register_tokens)]
-        else:
-            names.append(kind)
-    return names
 
 
 # --------------------------------------------------------------------------- published beside ours
