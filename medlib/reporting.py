@@ -49,10 +49,13 @@ def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str,
 
 
 def save_table(df: pd.DataFrame, name: str, profile: str | Profile, float_format: str = "{:.3f}",
-               **provenance_extra: Any) -> dict[str, Path]:
-    """Write ``reports/<profile>/tables/<name>.csv`` and ``.md`` (+ provenance json); return the paths."""
-    if df.empty:
-        raise ValueError(f"Table {name!r} is empty; nothing to save")
+               allow_empty: bool = False, **provenance_extra: Any) -> dict[str, Path]:
+    """Write ``reports/<profile>/tables/<name>.csv`` and ``.md`` (+ provenance json); return the paths.
+
+    An empty table is an error unless ``allow_empty`` (e.g. "no sanity flag"), and then it needs its columns.
+    """
+    if df.empty and not (allow_empty and len(df.columns)):
+        raise ValueError(f"Table {name!r} is empty; nothing to save (allow_empty=True keeps a header-only table)")
     folder = reports_dir(profile) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"

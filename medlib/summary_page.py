@@ -132,6 +132,56 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
+def _fmt_effect(x: object) -> str:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if v != v else f"{v:+.3f}"
+
+
+def scoreboard_markdown(profile: str | Profile, sections: list[StudySection] | None = None) -> list[str]:
+    """The scoreboard: every claim of every study's ``NN_claims.csv`` with its verdict and interval, and the
+    sanity flags of ``NN_sanity_flags.csv`` in bold, each linked to its notebook."""
+    p = get_profile(profile)
+    out_dir = reports_dir(p)
+    tables = out_dir / "tables"
+    sections = sections if sections is not None else collect_sections(p)
+    links = {s.number: (f"[{s.number}]({_rel(s.html, out_dir)})" if s.html else s.number) for s in sections}
+    rows, flag_lines = [], []
+    for path in sorted(tables.glob("[0-9][0-9]_claims.csv")) if tables.is_dir() else []:
+        frame = pd.read_csv(path)
+        for r in frame.to_dict("records"):
+            verdict = str(r.get("verdict", ""))
+            ours = _fmt_effect(r.get("ours"))
+            cell = lambda x: str(x).replace("|", "/") if x == x else ""  # noqa: E731 (NaN -> "")
+            figure = (f"{ours} [{_fmt_effect(r.get('ci_low'))}, {_fmt_effect(r.get('ci_high'))}]" if ours != "-"
+                      else "-")
+            measure = cell(r.get("measure")) if ours != "-" else cell(r.get("note"))
+            rows.append(f"| {links.get(path.name[:2], path.name[:2])} | {cell(r.get('id'))} | {cell(r.get('claim'))} | "
+                        f"**{verdict}** | {figure} | {measure} | {p.name} |")
+    for path in sorted(tables.glob("[0-9][0-9]_sanity_flags.csv")) if tables.is_dir() else []:
+        frame = pd.read_csv(path)
+        for r in frame.to_dict("records"):
+            why = r.get("explanation") if r.get("explained") in (True, "True") else "unexplained"
+            flag_lines.append(f"- {links.get(path.name[:2], path.name[:2])}: **{r['model']} on {r['task']}: "
+                              f"{r['metric']} {float(r['score']):.3f} [{float(r['ci_low']):.3f}, "
+                              f"{float(r['ci_high']):.3f}] below {r['reference']} "
+                              f"({float(r['reference_value']):.3f})** - {why}")
+    if not rows:
+        return ["## Scoreboard", "", "No claims table has been written for this profile yet.", ""]
+    lines = ["## Scoreboard: the published claims", "",
+             "Each study's claims, judged by one rule (`medlib.eval.claims.verdict`): **reproduced** when our "
+             "interval lies wholly on the published side of no effect, **not reproduced** when our estimate "
+             "points the other way and the interval excludes the published effect, else **inconclusive**.", "",
+             "| notebook | claim | published claim | verdict | ours [95 % interval] | measure | profile |",
+             "|---|---|---|---|---|---|---|", *rows, ""]
+    lines += ["### Sanity flags", ""]
+    lines += (flag_lines or ["No trained model scored below its trivial reference (chance, image-blind prior, "
+                             "random initialisation) with an interval that excludes it."]) + [""]
+    return lines
+
+
 def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None) -> str:
     """The summary page as markdown (see the module docstring for what it holds)."""
     p = get_profile(profile)
@@ -148,6 +198,8 @@ def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None) 
              + f" Commit <code>{git_commit()}</code>, written {time.strftime('%Y-%m-%d %H:%M')}.</div>", "",
              "Each table below sets our figure (`ours`) beside the published one (`published`), measured on the "
              "profile above. Each figure links to the executed notebook that made it.", "",
+             *scoreboard_markdown(p, sections),
+             "## The notebooks", "",
              "| notebook | status | wall time (s) | report |", "|---|---|---|---|"]
     for s in sections:
         link = f"[{s.html.name}]({_rel(s.html, out_dir)})" if s.html else "-"
@@ -202,4 +254,4 @@ def write_summary(profile: str | Profile, notebooks_dir: Path | None = None) -> 
 
 
 __all__ = ["StudySection", "collect_sections", "has_paper_column", "notebook_assumptions", "notebook_title",
-           "render_markdown", "summary_markdown", "write_summary"]
+           "render_markdown", "scoreboard_markdown", "summary_markdown", "write_summary"]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python (medlib)
 #     language: python
@@ -43,8 +45,11 @@ profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, els
 # %%
 import time
 
+from IPython.display import Markdown
+
 from medlib.config import notebook_profile
 from medlib.studies import imagenet_vs_ssl_init as study
+from medlib.eval import claims
 from medlib.reporting import save_figure, save_table, set_style
 
 p = notebook_profile(profile)
@@ -182,10 +187,26 @@ paper = study.vs_paper(metrics, p)
 save_table(paper, "02_vs_paper", p)
 paper.round(4)
 
+# %% [markdown]
+# ## Findings
+# Each published claim, our figure with its 95 % interval and a verdict by the one rule every notebook
+# of this companion uses (`medlib.eval.claims.verdict`): **reproduced** when the interval lies wholly on
+# the published side of no effect; **not reproduced** when our estimate points the other way and the
+# interval excludes the published effect; otherwise **inconclusive**. Claims 1 and 2 are judged per
+# data set. Then every arm is checked against chance (a sanity flag marks an interval wholly below 0.5).
+
 # %%
-claims = study.claims_table(tests, metrics, size_tests, p)
-save_table(claims, "02_claims", p)
-claims
+claims_table = study.claims_table(tests, ablation, p)
+flags = claims.sanity_flags(study.sanity_table(metrics), study="02", table="02_auroc")
+save_table(claims_table, "02_claims", p)
+save_table(flags, "02_sanity_flags", p, allow_empty=True)
+claims_table
+
+# %%
+Markdown(claims.findings_markdown(claims_table, flags, p.name))
+
+# %%
+claims.check_sanity(flags, p.name);
 
 # %% [markdown]
 # ## Summary

@@ -94,3 +94,10 @@ def test_sanity_flags_only_intervals_wholly_below_the_reference():
     assert len(C.check_sanity(flags[flags["explained"]], "tiny")) == 1
     with pytest.raises(ValueError, match="lack"):
         C.sanity_flags(results.drop(columns="reference"), study="03", table="x")
+
+
+def test_interval_scan_reads_the_table_metric_with_delta_columns():
+    table = pd.DataFrame({"delta mean": [0.1], "delta ci_low": [-0.2], "delta ci_high": [2.5]})
+    assert C.interval_violations(table) == []  # no metric known: only the order is checked
+    problems = C.interval_violations(table, metric="auroc")
+    assert len(problems) == 1 and "(-1.0, 1.0)" in problems[0]

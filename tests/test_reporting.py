@@ -50,6 +50,11 @@ def test_save_table_and_markdown(out_dirs):
     assert "| a | 0.812 |" in md and "b\\|c" in md and "n/a" in md
     with pytest.raises(ValueError, match="empty"):
         reporting.save_table(df.iloc[:0], "00_empty", "smoke")
+    empty = reporting.save_table(df.iloc[:0], "00_empty", "smoke", allow_empty=True)
+    assert pd.read_csv(empty["csv"]).columns.tolist() == ["model", "auroc"]
+    assert empty["md"].read_text().splitlines() == ["| model | auroc |", "|---|---|"]
+    with pytest.raises(ValueError, match="empty"):
+        reporting.save_table(pd.DataFrame(), "00_nothing", "smoke", allow_empty=True)
 
 
 def test_paper_vs_ours_computes_delta_and_checks_columns():

@@ -199,3 +199,31 @@ def test_bootstrap_ci_rejects_unknown_metric_and_length_mismatch():
         bootstrap_ci(np.array([0, 1, 0, 1]), np.zeros(4), "auc", n_resamples=5)
     with pytest.raises(ValueError, match="4 samples but scores has 3"):
         bootstrap_ci(np.array([0, 1, 0, 1]), np.zeros(3), roc_auc_score, n_resamples=5)
+
+
+def test_macro_auroc_and_its_resamples_agree_with_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from medlib.eval import stats as S
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((80, 3)) < 0.4).astype(int)
+    s = np.clip(y * 0.4 + rng.random((80, 3)) * 0.6, 0, 1)
+    expected = np.mean([roc_auc_score(y[:, i], s[:, i]) for i in range(3)])
+    assert S.macro_auroc(y, s) == pytest.approx(expected)
+    idx = S.bootstrap_indices(80, 5, seed=1)
+    boot = S.resampled_macro_auroc(y, s, idx)
+    assert boot.shape == (5,)
+    assert boot[2] == pytest.approx(np.mean([roc_auc_score(y[idx[2], i], s[idx[2], i]) for i in range(3)]))
+
+
+def test_bootstrap_mean_ci_stays_inside_the_values():
+    from medlib.eval import stats as S
+
+    mean, low, high = S.bootstrap_mean_ci([0.7, 0.99])  # a t-interval here would pass 1
+    assert mean == pytest.approx(0.845) and 0.7 <= low <= mean <= high <= 0.99
+    assert S.bootstrap_mean_ci([0.5]) == (0.5, 0.5, 0.5)
+    assert all(np.isnan(S.bootstrap_mean_ci([])))
+    assert S.bootstrap_mean_ci([0.1, 0.2, 0.3], seed=3) == S.bootstrap_mean_ci([0.1, 0.2, 0.3], seed=3)
+    with pytest.raises(ValueError, match="level"):
+        S.bootstrap_mean_ci([0.1, 0.2], level=1.5)

@@ -118,3 +118,28 @@ def test_reproduce_writes_the_summary(folders, monkeypatch):
     monkeypatch.setattr(summary_page, "repo_root", lambda: tmp_path)
     reproduce.reproduce("smoke")
     assert (tmp_path / "reports" / "smoke" / "summary.html").is_file()
+
+
+def test_summary_opens_with_the_scoreboard_and_the_flags(folders):
+    from medlib.eval import claims as C
+
+    tmp_path, notebooks = folders
+    _fill(tmp_path)
+    table = C.claims_frame([C.claim("07", 1, "seven beats six", "yes", "score(7) - score(6)", 0.2, (0.1, 0.3),
+                                    interval="bootstrap"),
+                            C.claim("07", 2, "eight is near", "yes", "-", not_tested="no eight here")])
+    save_table(table, "07_claims", "smoke")
+    flags = C.sanity_flags(pd.DataFrame({"model": ["m"], "task": ["t"], "metric": ["auroc"], "score": [0.3],
+                                         "ci_low": [0.2], "ci_high": [0.4], "reference": ["chance"],
+                                         "reference_value": [0.5]}), study="07", table="07_x")
+    save_table(flags, "07_sanity_flags", "smoke")
+    md = (summary_page.write_summary("smoke", notebooks_dir=notebooks)).with_suffix(".md").read_text()
+    assert md.index("## Scoreboard") < md.index("## The notebooks") < md.index("### 07_vs_paper")
+    assert "| [07](07_seven.html) | 1 | seven beats six | **reproduced** | +0.200 [+0.100, +0.300] |" in md
+    assert "| **not tested here** | - | no eight here | smoke |" in md
+    assert "**m on t: auroc 0.300 [0.200, 0.400] below chance (0.500)** - unexplained" in md
+
+
+def test_scoreboard_without_claims_says_so(folders):
+    md = summary_page.write_summary("tiny", notebooks_dir=folders[1]).with_suffix(".md").read_text()
+    assert "No claims table has been written for this profile yet." in md

@@ -171,8 +171,9 @@ def interval_violations(table: pd.DataFrame, metric: str | None = None) -> list[
               and (c, c.replace("low", "high"), None) not in pairs and not c.endswith("_ci_low")]
     for lo_col, hi_col, prefix in pairs:
         for i, row in table.iterrows():
-            name = metric or prefix or (row.get("metric") if "metric" in columns else None)
-            rng = metric_range(name) if name is not None else None
+            row_metric = row.get("metric") if "metric" in columns else None
+            name = " ".join(str(x) for x in (row_metric or metric, prefix) if x)
+            rng = metric_range(name) if name else None
             lo, hi = pd.to_numeric(row[lo_col], errors="coerce"), pd.to_numeric(row[hi_col], errors="coerce")
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 continue

@@ -176,6 +176,38 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- p-values, FDR
 
 
+def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Mean AUROC over the labels that hold both classes (NaN when none does)."""
+    return float(_macro(auroc(y_true, scores)[None, :])[0])
+
+
+def resampled_macro_auroc(y_true: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(B,) macro AUROC on each bootstrap resample given by ``indices`` (B, N) (NaN where no label is valid)."""
+    y = _as_label_matrix(y_true)
+    s = _as_scores(scores, y.shape, "scores")
+    return _macro(_resampled_metrics(y, s, np.asarray(indices))["auroc"])
+
+
+def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95, n_resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap interval of the mean of ``values`` (e.g. repeats).
+
+    The interval never leaves [min(values), max(values)], so it stays inside a bounded metric's range;
+    with one value it is that value, with none NaN.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if v.size == 0:
+        return (float("nan"),) * 3
+    if v.size == 1:
+        return (float(v[0]),) * 3
+    means = v[bootstrap_indices(v.size, n_resamples, seed)].mean(axis=1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(v.mean()), float(low), float(high)
+
+
 def one_sided_pvalue(a: np.ndarray, b: np.ndarray, ties: Ties = "half") -> np.ndarray | float:
     """Share of resamples (axis 0) where a <= b (H1: a is better); ties count 1/2 (``"half"``) or 1 (``"paper"``)."""
     if ties not in ("half", "paper"):
