@@ -44,8 +44,22 @@ def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str,
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, bbox_inches="tight")
         paths.append(path)
-    save_json(stem.with_suffix(".json"), provenance(profile=profile_name, figure=name, **provenance_extra))
+    save_json(stem.with_suffix(".json"), provenance(profile=profile_name, figure=name, texts=figure_texts(fig),
+                                                    **provenance_extra))
     return paths
+
+
+def figure_texts(fig: Any) -> list[str]:
+    """Every visible text of a figure: suptitle, axes titles, axis and tick labels, legends, annotations."""
+    texts = [fig.get_suptitle()] if fig.get_suptitle() else []
+    for ax in fig.axes:
+        texts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        texts += [t.get_text() for t in (*ax.get_xticklabels(), *ax.get_yticklabels(), *ax.texts)]
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += [t.get_text() for t in legend.get_texts()] + [legend.get_title().get_text()]
+    texts += [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
 def save_table(df: pd.DataFrame, name: str, profile: str | Profile, float_format: str = "{:.3f}",

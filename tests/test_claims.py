@@ -101,3 +101,47 @@ def test_interval_scan_reads_the_table_metric_with_delta_columns():
     assert C.interval_violations(table) == []  # no metric known: only the order is checked
     problems = C.interval_violations(table, metric="auroc")
     assert len(problems) == 1 and "(-1.0, 1.0)" in problems[0]
+
+
+def test_stand_in_names_are_flagged_outside_published_columns():
+    table = pd.DataFrame({"role": ["DINOv2", "ssl-natural"], "model": ["ssl-natural-vit-tiny", "x"],
+                          "description": ["ViT-Tiny trained with the DINOv2 recipe", "DINOv2-style SSL"],
+                          "published_model": ["DINOv2 ViT-L/14", "-"], "DINOv2 (ours)": [0.7, 0.8],
+                          "DINOv2 (published)": [0.9, 0.9], "claim": ["Frozen DINOv2 features ...", ""]})
+    problems = C.stand_in_name_violations(table)
+    assert problems == ["column header 'DINOv2 (ours)'", "row 0, column 'role': 'DINOv2'"]
+    assert C.stand_in_name_violations(table, real_weights=True) == []
+    assert C.figure_name_violations(["AUROC by arm", "DINOv2+SSL", "published DINOv2"]) == ["DINOv2+SSL"]
+
+
+def test_save_figure_records_the_texts_a_reader_sees(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medlib.reporting import save_figure
+
+    monkeypatch.setenv("MEDLIB_FIGURES", str(tmp_path))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], label="ssl-natural-vit-tiny")
+    ax.set(title="AUROC vs n", xlabel="n", ylabel="AUROC")
+    ax.set_xticks([0, 1], ["one", "two"])
+    ax.legend()
+    save_figure(fig, "09_demo", "smoke")
+    texts = json.loads((tmp_path / "09_demo_smoke.json").read_text())["texts"]
+    assert {"AUROC vs n", "n", "AUROC", "one", "two", "ssl-natural-vit-tiny"} <= set(texts)
+    plt.close(fig)
+
+
+def test_interval_scan_guesses_the_metric_from_the_table_and_claims_measures():
+    metrics = pd.DataFrame({"dataset": ["a"], "auroc": [0.9], "ci_low": [0.8], "ci_high": [1.2]})
+    assert len(C.interval_violations(metrics)) == 1
+    tests = pd.DataFrame({"a_auroc": ["0.5 ± 0.1"], "delta mean": [0.1], "delta ci_low": [-1.5], "delta ci_high": [0.3]})
+    assert len(C.interval_violations(tests)) == 1
+    claims = pd.DataFrame({"measure": ["AUROC(a) - AUROC(b)", "Dice(a)", "AUROC gain (%)"], "ours": [-0.2, 0.5, 40.0],
+                           "ci_low": [-0.5, 0.4, 10.0], "ci_high": [0.1, 1.1, 70.0]})
+    problems = C.interval_violations(claims)
+    assert len(problems) == 1 and "row 1" in problems[0]

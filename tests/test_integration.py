@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medlib.eval import claims
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +28,16 @@ def test_make_reproduce_smoke(tmp_path):
         assert (reports / f"{name}.ipynb").stat().st_size > 0
         assert "<html" in (reports / f"{name}.html").read_text()[:2000].lower()
     tables = list((reports / "tables").glob("*.csv"))
-    assert tables and all(len(pd.read_csv(t)) > 0 for t in tables)
+    assert tables and all(len(pd.read_csv(t)) > 0 for t in tables if not t.stem.endswith("_sanity_flags"))
+    for table in tables:  # the same scans as the committed tiny reports get (tests/test_committed_reports.py)
+        frame = pd.read_csv(table)
+        assert not claims.interval_violations(frame), (table.name, claims.interval_violations(frame))
+        assert not claims.stand_in_name_violations(frame), (table.name, claims.stand_in_name_violations(frame))
+    for number in ("01", "02", "03", "04"):
+        assert (reports / "tables" / f"{number}_claims.csv").exists(), f"notebook {number} wrote no claims table"
+    for record in (tmp_path / "figures").glob("*_smoke.json"):
+        texts = json.loads(record.read_text()).get("texts", [])
+        assert not claims.figure_name_violations(texts), (record.name, claims.figure_name_violations(texts))
     figures = list((tmp_path / "figures").glob("00_*_smoke.png"))
     assert len(figures) >= 5
     assert (reports / "index.md").exists()

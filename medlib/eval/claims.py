@@ -140,13 +140,15 @@ def findings_markdown(claims: pd.DataFrame, flags: pd.DataFrame | None = None, p
 def metric_range(name: str) -> tuple[float, float] | None:
     """The range of a bounded metric named ``name`` (``auroc``, ``test_dice``, ``AUROC delta`` ...), else None.
 
-    A difference of two bounded metrics (a name with ``delta``, ``gain`` or ``diff``) has range
-    ``[lo - hi, hi - lo]``.
+    A difference of two bounded metrics (a name with ``delta``, ``gain``, ``diff`` or `` - ``) has range
+    ``[lo - hi, hi - lo]``; a percentage (``%``) is not checked.
     """
     key = str(name).lower()
+    if "%" in key or "percent" in key:
+        return None
     for metric, (lo, hi) in sorted(METRIC_RANGES.items(), key=lambda kv: -len(kv[0])):
         if re.search(rf"(^|[^a-z]){re.escape(metric)}($|[^a-z])", key):
-            if re.search(r"delta|gain|diff", key):
+            if re.search(r"delta|gain|diff| - ", key):
                 return (lo - hi, hi - lo)
             return (lo, hi)
     return None
@@ -158,8 +160,9 @@ _PAIRS = (("ci_low", "ci_high"), ("low", "high"), ("lo", "hi"), ("ci_lo", "ci_hi
 def interval_violations(table: pd.DataFrame, metric: str | None = None) -> list[str]:
     """Intervals of ``table`` outside their metric's range, or not containing their estimate, as messages.
 
-    The metric of a row comes from ``metric``, else from a ``metric`` column, else from the column
-    names (``auroc_ci_low`` ...). Rows whose metric has no known range are not checked.
+    The metric of a row comes from a ``metric`` (or claims' ``measure``) column, else from ``metric``, else
+    from the interval's own name (``auroc_ci_low``), else from the table's first metric-named column
+    (``auroc``, ``test_dice`` ...). Rows whose metric has no known range are only checked for order.
     """
     problems: list[str] = []
     columns = list(table.columns)
@@ -167,11 +170,18 @@ def interval_violations(table: pd.DataFrame, metric: str | None = None) -> list[
     pairs += [(c, c[:-len("_ci_low")] + "_ci_high", c[:-len("_ci_low")]) for c in columns
               if c.endswith("_ci_low") and c[:-len("_ci_low")] + "_ci_high" in columns]
     pairs += [(c, c.replace("low", "high"), c.replace(" low", "").replace("_low", ""))
-              for c in columns if re.search(r"[ _]low$", c) and c.replace("low", "high") in columns
+              for c in columns if re.search(r"ci[ _]low$", c) and c.replace("low", "high") in columns
               and (c, c.replace("low", "high"), None) not in pairs and not c.endswith("_ci_low")]
+    guessed = next((c for c in columns if metric_range(c) is not None and "ci" not in str(c).lower()
+                    and pd.api.types.is_numeric_dtype(table[c]) is not None), None)
+    row_column = "metric" if "metric" in columns else "measure" if "measure" in columns else None
     for lo_col, hi_col, prefix in pairs:
         for i, row in table.iterrows():
-            row_metric = row.get("metric") if "metric" in columns else None
+            row_metric = row.get(row_column) if row_column else None
+            row_metric = row_metric if isinstance(row_metric, str) and row_metric else None
+            if row_metric is None and metric is None and guessed is not None and (prefix is None or
+                                                                                 metric_range(prefix) is None):
+                row_metric = guessed
             name = " ".join(str(x) for x in (row_metric or metric, prefix) if x)
             rng = metric_range(name) if name else None
             lo, hi = pd.to_numeric(row[lo_col], errors="coerce"), pd.to_numeric(row[hi_col], errors="coerce")
@@ -182,6 +192,39 @@ def interval_violations(table: pd.DataFrame, metric: str | None = None) -> list[
             if rng is not None and (lo < rng[0] - 1e-9 or hi > rng[1] + 1e-9):
                 problems.append(f"row {i}: [{lo:.4g}, {hi:.4g}] ({lo_col}/{hi_col}) leaves {name}'s range {rng}")
     return problems
+
+
+# --------------------------------------------------------------------------- names
+
+#: a real model's name; "DINOv2 recipe" / "DINOv2-style" / "DINOv2 architecture" describe how a stand-in was
+#: made or shaped, not what its weights are, and stay allowed
+REAL_MODEL_NAME = re.compile(r"dino\s*v2(?![-\s]*(recipe|style|architecture|'s recipe))", re.IGNORECASE)
+#: columns that name the papers' models on purpose
+PUBLISHED_COLUMN = re.compile(r"^(published|paper)|\((published|paper)\)$|^claim$", re.IGNORECASE)
+
+
+def stand_in_name_violations(table: pd.DataFrame, *, real_weights: bool = False) -> list[str]:
+    """Cells and headers outside published columns that call one of our models by a real model's name.
+
+    With ``real_weights`` (the ``paper`` profile loads real DINOv2) nothing is flagged.
+    """
+    if real_weights:
+        return []
+    problems = [f"column header {c!r}" for c in table.columns
+                if not PUBLISHED_COLUMN.search(str(c)) and REAL_MODEL_NAME.search(str(c))]
+    for column in table.columns:
+        if PUBLISHED_COLUMN.search(str(column)):
+            continue
+        for i, value in table[column].items():
+            if isinstance(value, str) and REAL_MODEL_NAME.search(value):
+                problems.append(f"row {i}, column {column!r}: {value[:80]!r}")
+    return problems
+
+
+def figure_name_violations(texts: Sequence[str], *, real_weights: bool = False) -> list[str]:
+    """Figure texts (titles, axes, ticks, legends; see ``reporting.figure_texts``) that use a real model's name."""
+    return [] if real_weights else [t for t in texts if REAL_MODEL_NAME.search(t) and "published" not in t.lower()
+                                    and "paper" not in t.lower()]
 
 
 # --------------------------------------------------------------------------- sanity gates
@@ -230,6 +273,6 @@ def check_sanity(flags: pd.DataFrame, profile: str, strict_profiles: Sequence[st
 
 __all__ = [
     "CLAIM_COLUMNS", "KINDS", "METRIC_RANGES", "SANITY_COLUMNS", "UnexplainedSanityFlag", "VERDICTS",
-    "check_sanity", "claim", "claims_frame", "findings_markdown", "interval_violations", "metric_range",
-    "sanity_flags", "verdict",
+    "check_sanity", "claim", "claims_frame", "figure_name_violations", "findings_markdown", "interval_violations",
+    "metric_range", "sanity_flags", "stand_in_name_violations", "verdict",
 ]
