@@ -358,8 +358,48 @@ def get_profile(name: str | Profile) -> Profile:
     return _PROFILES[name]
 
 
+def _assigned_names(source: str) -> list[str]:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+
+
+def check_injected_parameters(history: list[str]) -> None:
+    """Raise when papermill injected a parameter the notebook's ``parameters`` cell does not define.
+
+    ``history`` is the kernel's list of executed cell sources (IPython's ``In``); papermill's injected
+    cell starts with ``# Parameters`` and follows the notebook's own parameters cell. Papermill itself
+    only warns ("Passed unknown parameter") and runs on with the defaults.
+    """
+    for i, source in enumerate(history):
+        if i == 0 or not source.lstrip().startswith("# Parameters"):
+            continue
+        valid = _assigned_names(history[i - 1])
+        unknown = [n for n in _assigned_names(source) if n not in valid]
+        if unknown:
+            raise ValueError(f"unknown notebook parameter(s) {unknown}; this notebook takes {valid} "
+                             f"(e.g. papermill -p profile smoke)")
+
+
 def notebook_profile(name: str | None) -> Profile:
-    """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``."""
+    """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``.
+
+    Inside a kernel, a misspelt papermill parameter (``-p profle smoke``) is an error here, not a silent
+    run of the default profile.
+    """
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:  # pragma: no cover - IPython ships with every Jupyter kernel
+        shell = None
+    if shell is not None:
+        check_injected_parameters([str(s) for s in shell.user_ns.get("In", [])])
     return get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
 
 

@@ -75,19 +75,98 @@ def render_html(ipynb: Path) -> Path:
     return html
 
 
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the run record says "interrupted" before the process ends."""
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`_Terminated` (main thread only; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_killed_runs(profile: str) -> list[str]:
+    """Records left "running" by a process that no longer exists (a SIGKILL, a crash) become "interrupted"."""
+    import json
+
+    from .cache import save_json
+
+    path = reports_dir(profile) / "runs.json"
+    if not path.exists():
+        return []
+    records = json.loads(path.read_text())
+    killed = [name for name, rec in records.items()
+              if rec.get("status") == "running" and not _pid_alive(int(rec.get("pid", -1)))]
+    for name in killed:
+        records[name].update(status="interrupted", error="the process running it ended without a record "
+                                                          "(killed?); its outputs are partial")
+    if killed:
+        save_json(path, records)
+    return killed
+
+
+def clear_previous_outputs(stem: str, profile: str) -> list[Path]:
+    """Remove the notebook's previous HTML, tables and figures, so nothing older poses as this run's result."""
+    from .config import figures_dir
+
+    number = stem[:2]
+    out_dir = reports_dir(profile)
+    old = [out_dir / f"{stem}.html", *sorted((out_dir / "tables").glob(f"{number}_*")),
+           *sorted(figures_dir().glob(f"{number}_*_{get_profile(profile).name}.*"))]
+    removed = []
+    for path in old:
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: int | None = None,
                  progress: bool = True) -> NotebookRun:
-    """Execute one paired notebook with papermill (parameter ``profile``) into ``reports/<profile>/``."""
+    """Execute one paired notebook with papermill (parameter ``profile``) into ``reports/<profile>/``.
+
+    The run is recorded as "running" before it starts and as ok / failed / interrupted when it ends,
+    whatever ends it (an exception, SIGINT, SIGTERM; a SIGKILL is found by :func:`mark_killed_runs` at the
+    next run). Its previous HTML, tables and figures are removed first, so a failed or interrupted run
+    leaves only its own partial outputs, under a record that says so.
+    """
     import jupytext
     import papermill as pm
 
     out_dir = reports_dir(profile)
     output = out_dir / f"{py_path.stem}.ipynb"
     nb = jupytext.read(py_path)
+    clear_previous_outputs(py_path.stem, profile)
+    write_run_record(profile, py_path.stem, 0.0, "running", None, pid=os.getpid())
     start = time.perf_counter()
     error = None
+    status = "interrupted"
     try:
-        with kernel_environment():
+        with kernel_environment(), _sigterm_as_exception():
             pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel,
                                 language="python", cwd=str(py_path.parent), progress_bar=progress,
                                 execution_timeout=timeout)
@@ -95,6 +174,12 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
     except pm.PapermillExecutionError as exc:
         status = "failed"
         error = f"cell {exc.cell_index} (exec {exc.exec_count}): {exc.ename}: {str(exc.evalue).splitlines()[0] if exc.evalue else ''}"
+    except (KeyboardInterrupt, _Terminated) as exc:
+        error = f"interrupted ({type(exc).__name__ if isinstance(exc, KeyboardInterrupt) else exc}); outputs are partial"
+        write_run_record(profile, py_path.stem, time.perf_counter() - start, "interrupted", error)
+        if output.exists():
+            render_html(output)
+        raise
     wall = time.perf_counter() - start
     html = render_html(output) if output.exists() else None
     write_run_record(profile, py_path.stem, wall, status, error)
@@ -105,6 +190,8 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
               keep_going: bool = False) -> list[NotebookRun]:
     """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``."""
     get_profile(profile)  # validate early
+    for name in mark_killed_runs(profile):
+        print(f"[reproduce:{profile}] {name}: its last run was killed; recorded as interrupted", flush=True)
     runs = []
     for path in discover_notebooks(only=only):
         print(f"[reproduce:{profile}] {path.stem} ...", flush=True)

@@ -119,3 +119,96 @@ def test_refresh_committed_runs_the_given_profile_headless_and_writes_the_pair(n
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert out == nb_dir / "00_env.ipynb" and "env smoke 0" in outputs
     assert os.environ["MEDLIB_PROFILE"] == "tiny", "the caller's profile is restored"
+
+
+def test_a_killed_run_is_recorded_as_interrupted_at_the_next_run(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("MEDLIB_REPORTS", str(tmp_path / "reports"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    from medlib.reporting import write_run_record
+
+    write_run_record("smoke", "01_killed", 0.0, "running", pid=dead.pid)
+    write_run_record("smoke", "02_alive", 0.0, "running", pid=os.getpid())
+    assert reproduce.mark_killed_runs("smoke") == ["01_killed"]
+    records = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())
+    assert records["01_killed"]["status"] == "interrupted" and "killed" in records["01_killed"]["error"]
+    assert records["02_alive"]["status"] == "running"
+    (tmp_path / "reports" / "smoke" / "runs.json").write_text("{not json")
+    write_run_record("smoke", "03_next", 1.0, "ok")  # a damaged record file does not block the next record
+    assert list(json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())) == ["03_next"]
+
+
+STATUS = textwrap.dedent('''\
+    # %% tags=["parameters"]
+    profile = "tiny"
+
+    # %%
+    import json, os
+    print("status while running:", json.load(open(os.path.join(os.environ["MEDLIB_REPORTS"], profile,
+                                                               "runs.json")))["07_status"]["status"])
+    ''')
+
+
+@pytest.mark.slow
+def test_a_run_is_recorded_running_then_old_outputs_never_pose_as_its_results(nb_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLIB_FIGURES", str(tmp_path / "figures"))
+    (nb_dir / "07_status.py").write_text(STATUS)
+    run = reproduce.run_notebook(nb_dir / "07_status.py", "smoke", kernel="python3", progress=False)
+    nb = nbformat.read(run.output, as_version=4)
+    assert "status while running: running" in json.dumps([c.get("outputs", []) for c in nb.cells])
+    reports, figures = tmp_path / "reports" / "smoke", tmp_path / "figures"
+    (reports / "tables").mkdir(parents=True, exist_ok=True)
+    figures.mkdir(exist_ok=True)
+    stale = [reports / "tables" / "07_old.csv", figures / "07_old_smoke.png", reports / "07_status.html"]
+    for path in stale:
+        path.write_text("from an earlier run")
+    keep = figures / "07_old_tiny.png"  # another profile's figure stays
+    keep.write_text("tiny")
+    (nb_dir / "07_status.py").write_text(STATUS + '\n# %%\nraise RuntimeError("fails midway")\n')
+    run = reproduce.run_notebook(nb_dir / "07_status.py", "smoke", kernel="python3", progress=False)
+    assert run.status == "failed"
+    assert not stale[0].exists() and not stale[1].exists() and keep.exists()
+    assert "from an earlier run" not in stale[2].read_text()  # the HTML is the failed run's own
+    assert json.loads((reports / "runs.json").read_text())["07_status"]["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_notebook_is_recorded_as_interrupted(nb_dir, tmp_path):
+    (nb_dir / "08_term.py").write_text(GOOD + textwrap.dedent('''
+        # %%
+        import os, signal, time
+        os.kill(os.getppid(), signal.SIGTERM)  # the runner's process
+        time.sleep(30)
+        '''))
+    with pytest.raises(reproduce._Terminated):
+        reproduce.run_notebook(nb_dir / "08_term.py", "smoke", kernel="python3", progress=False)
+    record = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())["08_term"]
+    assert record["status"] == "interrupted" and "partial" in record["error"]
+
+
+def test_unknown_injected_parameter_is_an_error_naming_the_valid_ones():
+    from medlib.config import check_injected_parameters
+
+    history = ["", 'profile = None  # "smoke" | "tiny"', '# Parameters\nprofle = "smoke"\n', "import x"]
+    with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['profle'\]; this notebook takes "
+                                         r"\['profile'\]"):
+        check_injected_parameters(history)
+    check_injected_parameters(["", "profile = None", '# Parameters\nprofile = "smoke"\n'])
+    check_injected_parameters(["", "profile = None", "print(1)"])  # nothing injected: nothing to check
+
+
+@pytest.mark.slow
+def test_papermill_with_a_misspelt_parameter_fails_at_once(nb_dir, tmp_path):
+    import papermill as pm
+
+    source = nb_dir / "09_params.py"
+    source.write_text(GOOD.replace('print("profile is", profile)',
+                                   'from medlib.config import notebook_profile\np = notebook_profile(profile)\n'
+                                   'print("ran on", p.name)'))
+    import jupytext
+
+    with pytest.raises(pm.PapermillExecutionError, match="profle"):
+        pm.execute_notebook(jupytext.read(source), str(tmp_path / "out.ipynb"), parameters={"profle": "smoke"},
+                            kernel_name="python3", language="python", progress_bar=False)
