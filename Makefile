@@ -7,22 +7,29 @@ STAMP := $(VENV)/.setup-stamp
 KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: setup reproduce test test-fast bench lab sync notebooks backbones ldm clean help
+.PHONY: lock setup reproduce test test-fast bench lab sync notebooks backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
 	@echo "make test                                      unit + integration + nbval tests"
-	@echo "make setup | bench | lab | sync | backbones | ldm | clean"
+	@echo "make setup | lock | bench | lab | sync | backbones | ldm | clean"
+
+# lock: pin every package (with hashes) from pyproject.toml; commit pylock.toml and requirements.lock
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip lock --quiet -e . -o pylock.toml
+	$(PY) -m medlib.lock pins > requirements.lock
 
 # setup is idempotent: it reruns only when pyproject.toml changes (or .venv is missing).
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml pylock.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
-	# torch from the local wheels with pip (never uv / poetry), then the package and its deps.
+	# torch from the local wheels with pip (never uv / poetry), then the package and its deps at the
+	# versions of the lock (pylock.toml, as name==version constraints in requirements.lock).
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c requirements.lock -e .
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (medlib)" >/dev/null
 	touch $(STAMP)
 

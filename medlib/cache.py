@@ -129,9 +129,15 @@ def package_versions(names: tuple[str, ...] = ("torch", "timm", "numpy", "scikit
     return versions
 
 
+def _lock_hash() -> str:
+    from .lock import lock_hash
+
+    return lock_hash()
+
+
 def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: str | None = None,
                wall_time_s: float | None = None, **extra: Any) -> dict[str, Any]:
-    """A provenance record: commit, profile, seed, package versions, data fingerprint, wall time, machine."""
+    """A provenance record: commit, profile, seed, package versions, lock hash, data fingerprint, wall time, machine."""
     record: dict[str, Any] = {
         "git_commit": git_commit(),
         "profile": getattr(profile, "name", profile),
@@ -140,6 +146,7 @@ def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: s
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "lock": _lock_hash(),
     }
     if data_fingerprint is not None:
         record["data_fingerprint"] = data_fingerprint
