@@ -114,7 +114,7 @@ def test_study_modules_stand_alone():
 
 def test_study_protocols_live_only_in_studies():
     """Published tables and paper-vs-ours comparisons are study protocol: only ``medlib/studies`` has them."""
-    pattern = re.compile(r"^(PUBLISHED\w*\s*=|from \S+ import .*\bpaper_vs_ours\b|\s+from \S+ import .*\bpaper_vs_ours\b)",
+    pattern = re.compile(r"^(PUBLISHED\w*\s*=\s*(pd\.DataFrame|_published)|from \S+ import .*\bpaper_vs_ours\b|\s+from \S+ import .*\bpaper_vs_ours\b)",
                          re.MULTILINE)
     offenders = [str(p.relative_to(ROOT)) for p in MEDLIB.rglob("*.py")
                  if "studies" not in p.parts and pattern.search(p.read_text())]
