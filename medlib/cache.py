@@ -75,26 +75,149 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+class CorruptCacheError(RuntimeError):
+    """A cached file that fails its recorded checksum, shape or dtype, or cannot be read; names the file."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cache entry {self.path} is damaged ({reason}); it is rebuilt when the code that "
+                         f"made it runs again (or delete it; `python -m medlib.cache verify` checks a whole cache)")
+
+
+CHECK_SUFFIX = ".check.json"
+_VERIFIED: dict[tuple[str, int, int], bool] = {}  # (path, mtime_ns, size) already verified in this process
+
+
+def _check_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECK_SUFFIX)
+
+
+def _npy_header(path: Path) -> tuple[list[int], str] | None:
+    """(shape, dtype) from a .npy header, or None when the header cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        return list(shape), np.dtype(dtype).str
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+def record_checksum(path: str | Path) -> Path:
+    """Write ``<file>.check.json`` beside a cache file: sha256, size, and shape / dtype for .npy files."""
+    path = Path(path)
+    record: dict[str, Any] = {"sha256": file_hash(path, length=64), "bytes": path.stat().st_size}
+    if path.suffix == ".npy":
+        header = _npy_header(path)
+        if header is not None:
+            record["shape"], record["dtype"] = header
+    target = _check_path(path)
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(record, sort_keys=True))
+    stat = path.stat()
+    _VERIFIED[(str(path), stat.st_mtime_ns, stat.st_size)] = True
+    return target
+
+
+def verify_file(path: str | Path) -> None:
+    """Check a cache file against its recorded checksum; raise :class:`CorruptCacheError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCacheError(path, "missing")
+    stat = path.stat()
+    memo = (str(path), stat.st_mtime_ns, stat.st_size)
+    if _VERIFIED.get(memo):
+        return
+    check = _check_path(path)
+    if not check.is_file():
+        raise CorruptCacheError(path, "no checksum was recorded when it was written")
+    try:
+        record = json.loads(check.read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        raise CorruptCacheError(path, f"its checksum record {check.name} is unreadable: {err}") from err
+    if stat.st_size != record.get("bytes"):
+        raise CorruptCacheError(path, f"{stat.st_size} bytes, {record.get('bytes')} when written (truncated?)")
+    if path.suffix == ".npy" and "shape" in record:
+        header = _npy_header(path)
+        if header is None or header != (record["shape"], record["dtype"]):
+            raise CorruptCacheError(path, f"array header {header} differs from the recorded "
+                                          f"{(record['shape'], record['dtype'])}")
+    if file_hash(path, length=64) != record.get("sha256"):
+        raise CorruptCacheError(path, "its contents changed since it was written (checksum mismatch)")
+    _VERIFIED[memo] = True
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
-    """Write an array as .npy atomically (readers never see a half-written file)."""
+    """Write an array as .npy atomically (readers never see a half-written file), with its checksum record."""
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
+    record_checksum(path)
     return path
 
 
-def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
-    """Load a cached .npy, memory-mapped by default."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+def load_npy(path: str | Path, mmap: bool = True, verify: bool = True) -> np.ndarray:
+    """Load a cached .npy (memory-mapped by default) after checking it against its checksum record."""
+    if verify:
+        verify_file(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CorruptCacheError(path, f"unreadable as .npy: {err}") from err
 
 
-def save_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically with sorted keys and indentation."""
+def save_json(path: str | Path, obj: Any, checksum: bool = False) -> Path:
+    """Write JSON atomically with sorted keys and indentation (``checksum``: with a checksum record)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    if checksum:
+        record_checksum(path)
     return path
+
+
+def load_json(path: str | Path, verify: bool = True) -> Any:
+    """Read a cached JSON file (checked against its checksum record when ``verify``); damage names the file."""
+    if verify:
+        verify_file(path)
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise CorruptCacheError(path, f"unreadable as JSON: {err}") from err
+
+
+def discard_entry(folder: str | Path, err: CorruptCacheError | None = None) -> None:
+    """Delete one damaged cache entry (a folder under the cache), saying which file was damaged."""
+    import shutil
+    import warnings
+
+    folder = Path(folder)
+    root = cache_dir().resolve()
+    if root not in folder.resolve().parents:
+        raise ValueError(f"discard_entry: {folder} is not inside the cache {root}; refusing to delete it")
+    if err is not None:
+        warnings.warn(f"{err.path}: {err.reason}; rebuilding {folder.name}", stacklevel=2)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def verify_cache(root: str | Path | None = None) -> list[tuple[Path, str]]:
+    """(file, problem) for every damaged file under the cache: a checksum, size or header mismatch, or a
+    cached .npy / JSON file written without a checksum record (checksum records themselves are skipped)."""
+    root = Path(root) if root is not None else cache_dir()
+    problems = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.endswith(CHECK_SUFFIX) or path.name.startswith("."):
+            continue
+        if not (_check_path(path).is_file() or path.suffix == ".npy"):
+            continue  # files written without checksums by design (checkpoints, logs, provenance)
+        try:
+            verify_file(path)
+        except CorruptCacheError as err:
+            problems.append((path, err.reason))
+    return problems
 
 
 def artifact_dir(kind: str, key: Any) -> Path:
@@ -154,3 +277,32 @@ def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: s
         record["wall_time_s"] = round(float(wall_time_s), 3)
     record.update(extra)
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medlib.cache verify [--repair]``: check every cached file; ``--repair`` deletes damaged entries."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m medlib.cache", description=main.__doc__)
+    parser.add_argument("command", choices=("verify",))
+    parser.add_argument("--repair", action="store_true", help="delete each damaged entry (its folder)")
+    args = parser.parse_args(argv)
+    root = cache_dir()
+    problems = verify_cache(root)
+    for path, reason in problems:
+        print(f"DAMAGED {path}: {reason}")
+        if args.repair:
+            parts = path.relative_to(root).parts
+            if len(parts) >= 3:  # <cache>/<kind>/<key>/...: the whole entry goes
+                discard_entry(root / parts[0] / parts[1])
+                print(f"  removed {root / parts[0] / parts[1]}; the next run rebuilds it")
+            else:
+                path.unlink(missing_ok=True)
+                _check_path(path).unlink(missing_ok=True)
+                print(f"  removed {path}; the next run rebuilds it")
+    print(f"{len(problems)} damaged file(s) under {root}")
+    return 1 if problems and not args.repair else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

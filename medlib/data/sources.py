@@ -179,7 +179,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from ..cache import artifact_dir, file_hash, save_json, save_npy, stable_hash
+from ..cache import (CorruptCacheError, artifact_dir, discard_entry, file_hash, load_json, load_npy,
+                     record_checksum, save_json, save_npy, stable_hash)
 from .imageset import ImageSet
 
 
@@ -628,13 +629,14 @@ def _save_imageset(folder: Path, ds: ImageSet) -> None:
         target = folder / f"{name}.npy"
         if isinstance(array, np.memmap) and array.filename and Path(array.filename) == target:
             array.flush()
+            record_checksum(target)
         else:
             save_npy(target, np.asarray(array))
     meta_arrays = [k for k, v in ds.meta.items() if isinstance(v, np.ndarray)]
     for k in meta_arrays:
         value = ds.meta[k]
         save_npy(folder / f"meta_{k}.npy", value.astype(str) if value.dtype == object else value)
-    save_json(folder / "imageset.json", {
+    save_json(folder / "imageset.json", checksum=True, obj={
         "label_names": ds.label_names, "task": ds.task, "mask_names": ds.mask_names, "name": ds.name,
         "has_labels": ds.labels is not None, "has_masks": ds.masks is not None, "meta_arrays": meta_arrays,
         "meta": {k: v for k, v in ds.meta.items() if k not in meta_arrays},
@@ -643,16 +645,16 @@ def _save_imageset(folder: Path, ds: ImageSet) -> None:
 
 def _load_imageset(folder: Path) -> ImageSet:
     """Read an ImageSet written by :func:`_save_imageset`, images and masks memory-mapped."""
-    info = json.loads((folder / "imageset.json").read_text())
+    info = load_json(folder / "imageset.json")
     meta = dict(info["meta"])
     for k in info["meta_arrays"]:
-        meta[k] = np.load(folder / f"meta_{k}.npy", allow_pickle=False)
+        meta[k] = np.asarray(load_npy(folder / f"meta_{k}.npy", mmap=False))
     return ImageSet(
-        images=np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False),
-        labels=np.load(folder / "labels.npy", allow_pickle=False) if info["has_labels"] else None,
+        images=load_npy(folder / "images.npy"),
+        labels=np.asarray(load_npy(folder / "labels.npy", mmap=False)) if info["has_labels"] else None,
         label_names=info["label_names"], task=info["task"],
-        patient_ids=np.load(folder / "patient_ids.npy", allow_pickle=False),
-        masks=np.load(folder / "masks.npy", mmap_mode="r", allow_pickle=False) if info["has_masks"] else None,
+        patient_ids=np.asarray(load_npy(folder / "patient_ids.npy", mmap=False)),
+        masks=load_npy(folder / "masks.npy") if info["has_masks"] else None,
         mask_names=info["mask_names"], meta=meta, name=info["name"],
     )
 
@@ -663,7 +665,10 @@ def _cached_imageset(key: dict[str, Any], cache: bool, build: Callable[[Allocato
         return build(_memory_alloc)
     final = artifact_dir("sources", key)
     if (final / "imageset.json").exists():
-        return _load_imageset(final)
+        try:
+            return _load_imageset(final)
+        except CorruptCacheError as err:
+            discard_entry(final, err)  # damaged: built again below
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:

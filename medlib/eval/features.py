@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import array_fingerprint, artifact_dir, file_hash, load_npy, provenance, save_json, save_npy
+from ..cache import (CorruptCacheError, array_fingerprint, artifact_dir, discard_entry, file_hash, load_npy,
+                     provenance, save_json, save_npy)
 from ..config import autocast_dtype, resolve_device
 from ..data.imageset import ImageSet
 from ..data.transforms import ClassificationTransform
@@ -168,7 +169,11 @@ def _load_cached(folder: Path) -> dict[str, np.ndarray] | None:
     paths = {name: folder / f"{name}.npy" for name in _ARRAYS}
     if not all(path.is_file() for path in paths.values()):
         return None
-    return {name: load_npy(path) for name, path in paths.items()}
+    try:
+        return {name: load_npy(path) for name, path in paths.items()}
+    except CorruptCacheError as err:
+        discard_entry(folder, err)  # damaged: extracted again
+        return None
 
 
 def _batch_features(backbone: Backbone, x: torch.Tensor, n_last: int, forward: Any) -> dict[str, np.ndarray]:

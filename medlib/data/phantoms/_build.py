@@ -9,7 +9,6 @@ memory-mapped when loaded.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -18,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ...cache import artifact_dir, atomic_path, load_npy, save_json
+from ...cache import (CorruptCacheError, artifact_dir, atomic_path, discard_entry, load_json, load_npy,
+                      record_checksum, save_json)
 
 Layout = dict[str, tuple[tuple[int, ...], Any]]  # array name -> (per-item shape, dtype)
 
@@ -63,6 +63,8 @@ def _outputs(folder: Path | None, n: int, layout: Layout) -> Iterator[dict[str, 
         for array in arrays.values():
             array.flush()
         arrays.clear()
+    for k in layout:  # renamed into place: record what was written
+        record_checksum(folder / f"{k}.npy")
 
 
 def _columns(per_item: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -74,7 +76,7 @@ def _columns(per_item: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _load(folder: Path, layout: Layout) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load a complete cached artifact: memory-mapped arrays and the metadata with typed columns."""
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = load_json(folder / "meta.json")
     arrays = {k: load_npy(folder / f"{k}.npy", mmap=True) for k in layout}
     meta["per_image"] = {k: np.asarray(v, dtype=meta["dtypes"][k]) for k, v in meta["per_image"].items()}
     meta["cache_dir"] = str(folder)
@@ -93,7 +95,10 @@ def build_cached(kind: str, key: dict[str, Any] | None, n: int, fn: Callable[[in
     """
     folder = artifact_dir(kind, key) if key is not None else None
     if folder is not None and (folder / "meta.json").exists():
-        return _load(folder, layout)
+        try:
+            return _load(folder, layout)
+        except CorruptCacheError as err:
+            discard_entry(folder, err)
     ids: list[str] = []
     per_item: list[dict[str, Any]] = []
     with _outputs(folder, n, layout) as arrays:
@@ -107,6 +112,6 @@ def build_cached(kind: str, key: dict[str, Any] | None, n: int, fn: Callable[[in
             columns = {"patient_ids": np.asarray(ids), **_columns(per_item)}
             return dict(arrays), {"per_image": columns, "cache_dir": None}
     columns = {"patient_ids": np.asarray(ids), **_columns(per_item)}
-    save_json(folder / "meta.json", {"key": key, "n": n, "per_image": {k: v.tolist() for k, v in columns.items()},
+    save_json(folder / "meta.json", checksum=True, obj={"key": key, "n": n, "per_image": {k: v.tolist() for k, v in columns.items()},
                                      "dtypes": {k: v.dtype.str for k, v in columns.items()}})
     return _load(folder, layout)
