@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml pylock.toml requirements.lock
 	touch $(STAMP)
 
 reproduce: setup
-	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL)
+	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) $(if $(FORCE),--force,)
 
 # nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
 NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports

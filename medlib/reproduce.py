@@ -30,6 +30,49 @@ class NotebookRun:
     output: Path
     html: Path | None
     error: str | None = None
+    reused: bool = False
+
+
+def inputs_fingerprint(py_path: Path, profile: str) -> str:
+    """Hash of everything a notebook's results depend on: its source, the medlib code, the embedded weights,
+    the profile (with its data sources), the lock and the ``MEDLIB_*`` settings that change numbers."""
+    import dataclasses
+    import hashlib
+
+    from .cache import stable_hash
+    from .lock import lock_hash
+
+    root = Path(__file__).resolve().parent
+    code = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        code.update(str(path.relative_to(root)).encode())
+        code.update(path.read_bytes())
+    weights = hashlib.sha256()
+    for path in sorted(root.rglob("embedded/**/*")):
+        if path.is_file():
+            weights.update(str(path.relative_to(root)).encode())
+            weights.update(hashlib.sha256(path.read_bytes()).digest())
+    p = get_profile(profile)
+    return stable_hash({
+        "notebook": hashlib.sha256(py_path.read_bytes()).hexdigest(), "code": code.hexdigest(),
+        "weights": weights.hexdigest(), "profile": dataclasses.asdict(p), "lock": lock_hash(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
+                                                                   "MEDMNIST_ROOT", "MEDLIB_CACHE")},
+    })
+
+
+def _reusable(py_path: Path, profile: str, fingerprint: str) -> bool:
+    """Whether the last run of this notebook ended ok on the same inputs and its report is still there."""
+    import json
+
+    runs = reports_dir(profile) / "runs.json"
+    try:
+        record = json.loads(runs.read_text()).get(py_path.stem, {}) if runs.exists() else {}
+    except json.JSONDecodeError:
+        return False
+    out = reports_dir(profile)
+    return (record.get("status") == "ok" and record.get("inputs") == fingerprint
+            and (out / f"{py_path.stem}.html").is_file())
 
 
 def discover_notebooks(folder: Path | None = None, only: list[str] | None = None) -> list[Path]:
@@ -146,7 +189,7 @@ def clear_previous_outputs(stem: str, profile: str) -> list[Path]:
 
 
 def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: int | None = None,
-                 progress: bool = True) -> NotebookRun:
+                 progress: bool = True, fingerprint: str | None = None) -> NotebookRun:
     """Execute one paired notebook with papermill (parameter ``profile``) into ``reports/<profile>/``.
 
     The run is recorded as "running" before it starts and as ok / failed / interrupted when it ends,
@@ -182,20 +225,41 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
         raise
     wall = time.perf_counter() - start
     html = render_html(output) if output.exists() else None
-    write_run_record(profile, py_path.stem, wall, status, error)
+    write_run_record(profile, py_path.stem, wall, status, error, inputs=fingerprint)
     return NotebookRun(py_path.stem, status, wall, output, html, error)
 
 
 def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
-              keep_going: bool = False) -> list[NotebookRun]:
-    """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``."""
+              keep_going: bool = False, force: bool = False) -> list[NotebookRun]:
+    """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``.
+
+    A notebook whose inputs (:func:`inputs_fingerprint`) are those of its last successful run is not
+    executed again: its report is reused and the records say so. ``force`` re-executes everything.
+    """
     get_profile(profile)  # validate early
     for name in mark_killed_runs(profile):
         print(f"[reproduce:{profile}] {name}: its last run was killed; recorded as interrupted", flush=True)
     runs = []
     for path in discover_notebooks(only=only):
+        fingerprint = inputs_fingerprint(path, profile)
+        if not force and _reusable(path, profile, fingerprint):
+            import json
+
+            from .cache import save_json
+
+            records = json.loads((reports_dir(profile) / "runs.json").read_text())
+            record = records[path.stem]
+            record["reused"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the summary page says it was reused
+            save_json(reports_dir(profile) / "runs.json", records)
+            run = NotebookRun(path.stem, "ok", float(record.get("wall_time_s", 0.0)),
+                              reports_dir(profile) / f"{path.stem}.ipynb", reports_dir(profile) / f"{path.stem}.html",
+                              reused=True)
+            runs.append(run)
+            print(f"[reproduce:{profile}] {path.stem}: inputs unchanged since its last successful run "
+                  f"({record.get('created', '?')}); report reused (--force re-executes)", flush=True)
+            continue
         print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
-        run = run_notebook(path, profile, kernel)
+        run = run_notebook(path, profile, kernel, fingerprint=fingerprint)
         runs.append(run)
         print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}", flush=True)
         if run.status != "ok" and not keep_going:
@@ -217,8 +281,8 @@ def write_index(profile: str, runs: list[NotebookRun]) -> Path:
     records = json.loads((out_dir / "runs.json").read_text()) if (out_dir / "runs.json").exists() else {}
     latest = {name: (rec.get("status", "?"), float(rec.get("wall_time_s", float("nan"))), rec.get("created", ""))
               for name, rec in records.items()}
-    latest.update({run.notebook: (run.status, run.wall_time_s, latest.get(run.notebook, ("", 0, ""))[2])
-                   for run in runs})
+    latest.update({run.notebook: (run.status + (" (reused)" if run.reused else ""), run.wall_time_s,
+                                  latest.get(run.notebook, ("", 0, ""))[2]) for run in runs})
     for name in sorted(latest):
         status, wall, when = latest[name]
         html = out_dir / f"{name}.html"
@@ -254,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="medlib", help="Jupyter kernel name (make setup registers 'medlib')")
     parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 01")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    parser.add_argument("--force", action="store_true", help="re-execute notebooks whose inputs did not change")
     parser.add_argument("--refresh-committed", action="store_true",
                         help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
     args = parser.parse_args(argv)
@@ -261,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in discover_notebooks(only=args.only):
             print(f"[refresh] {path.stem} on {args.profile} -> {refresh_committed(path, args.profile, args.kernel)}")
         return 0
-    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going)
+    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force)
     failed = [r for r in runs if r.status != "ok"]
     for r in failed:
         print(f"FAILED {r.notebook}: {r.error} (partial notebook: {r.output})", file=sys.stderr)
-    total = sum(r.wall_time_s for r in runs)
-    print(f"[reproduce:{args.profile}] {len(runs) - len(failed)}/{len(runs)} notebooks ok in {total:.1f} s")
+    total = sum(r.wall_time_s for r in runs if not r.reused)
+    reused = sum(r.reused for r in runs)
+    print(f"[reproduce:{args.profile}] {len(runs) - len(failed)}/{len(runs)} notebooks ok ({reused} reused) in "
+          f"{total:.1f} s")
     return 1 if failed else 0
 
 

@@ -120,7 +120,10 @@ def collect_sections(profile: str | Profile, notebooks_dir: Path | None = None) 
         report = out_dir / f"{stem}.html"
         sections.append(StudySection(
             number=number, stem=stem, title=notebook_title(py) if py is not None else f"notebook {number}",
-            html=report if report.is_file() else None, status=str(run.get("status", "not run")),
+            html=report if report.is_file() else None,
+            status=str(run.get("status", "not run")) + (f" (reused {run['reused'][:10]}: inputs unchanged since "
+                                                          f"{str(run.get('created', '?'))[:10]})"
+                                                          if run.get("reused") else ""),
             wall_time_s=run.get("wall_time_s"),
             tables=[t for t in tables if t.name.startswith(f"{number}_")],
             figures=[f for f in figures if f.name.startswith(f"{number}_")],

@@ -212,3 +212,36 @@ def test_papermill_with_a_misspelt_parameter_fails_at_once(nb_dir, tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="profle"):
         pm.execute_notebook(jupytext.read(source), str(tmp_path / "out.ipynb"), parameters={"profle": "smoke"},
                             kernel_name="python3", language="python", progress_bar=False)
+
+
+@pytest.mark.slow
+def test_reproduce_reuses_a_notebook_whose_inputs_did_not_change(nb_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "discover_notebooks", lambda only=None: [nb_dir / "00_good.py"])
+    monkeypatch.setattr("medlib.summary_page.write_summary", lambda profile: tmp_path / "summary.html")
+    (nb_dir / "00_good.py").write_text(GOOD)
+    first = reproduce.reproduce("smoke", kernel="python3")
+    assert [r.reused for r in first] == [False] and first[0].status == "ok"
+    import time as _time
+
+    start = _time.perf_counter()
+    second = reproduce.reproduce("smoke", kernel="python3")
+    assert [r.reused for r in second] == [True] and _time.perf_counter() - start < 10
+    records = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())
+    assert "reused" in records["00_good"]
+    assert "ok (reused)" in (tmp_path / "reports" / "smoke" / "index.md").read_text()
+    third = reproduce.reproduce("smoke", kernel="python3", force=True)
+    assert [r.reused for r in third] == [False]
+    (nb_dir / "00_good.py").write_text(GOOD + "\n# %%\nprint('changed')\n")
+    assert [r.reused for r in reproduce.reproduce("smoke", kernel="python3")] == [False]
+
+
+def test_inputs_fingerprint_follows_source_profile_and_settings(nb_dir, monkeypatch):
+    (nb_dir / "00_good.py").write_text(GOOD)
+    base = reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke")
+    assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") == base
+    assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "tiny") != base
+    monkeypatch.setenv("MEDLIB_DATA", "/somewhere/else")
+    assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") != base
+    monkeypatch.delenv("MEDLIB_DATA")
+    (nb_dir / "00_good.py").write_text(GOOD + "\n")
+    assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") != base
