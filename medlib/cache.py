@@ -220,6 +220,35 @@ def verify_cache(root: str | Path | None = None) -> list[tuple[Path, str]]:
     return problems
 
 
+@contextmanager
+def entry_lock(folder: str | Path, timeout_s: float = 6 * 3600) -> Iterator[None]:
+    """Hold an exclusive file lock for one cache entry: a second process that wants the same entry waits
+    here while the first builds it, then finds it built. Locks are advisory (``fcntl.flock``) and released
+    by the OS if the holder dies; without ``fcntl`` (Windows) this does nothing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    with open(lock_path, "a+") as fh:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout_s:
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for another process building {folder}")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def artifact_dir(kind: str, key: Any) -> Path:
     """``<cache>/<kind>/<hash(key)>``: the folder for one cached artifact."""
     return cache_dir() / kind / stable_hash(key)

@@ -111,3 +111,28 @@ def test_discard_entry_refuses_paths_outside_the_cache(cache_root, tmp_path):
     with pytest.raises(ValueError, match="not inside the cache"):
         cache.discard_entry(tmp_path / "elsewhere")
     assert json  # noqa: keep the import for readers who extend the damage kinds
+
+
+def _build_in_child(args):
+    import os
+
+    root, seed = args
+    os.environ["MEDLIB_CACHE"] = root
+    from medlib.data import phantoms as ph
+
+    return np.asarray(ph.make_dataset("knee", 6, size=64, seed=seed).images).sum()
+
+
+def test_two_processes_build_one_entry_once(cache_root):
+    import multiprocessing
+
+    from medlib import cache as C
+
+    with C.entry_lock(cache_root / "kind" / "entry"):
+        pass  # the lock can be taken and released
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        sums = pool.map(_build_in_child, [(str(cache_root), 3), (str(cache_root), 3)])
+    assert sums[0] == sums[1]
+    entries = [p for p in (cache_root / "phantoms").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 1 and not list((cache_root / "phantoms").glob(".*.npy*"))  # no half-written leftovers

@@ -179,8 +179,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from ..cache import (CorruptCacheError, artifact_dir, discard_entry, file_hash, load_json, load_npy,
-                     record_checksum, save_json, save_npy, stable_hash)
+from ..cache import (CorruptCacheError, artifact_dir, discard_entry, entry_lock, file_hash, load_json,
+                     load_npy, record_checksum, save_json, save_npy, stable_hash)
 from .imageset import ImageSet
 
 
@@ -664,6 +664,12 @@ def _cached_imageset(key: dict[str, Any], cache: bool, build: Callable[[Allocato
     if not cache:
         return build(_memory_alloc)
     final = artifact_dir("sources", key)
+    with entry_lock(final):  # a second process waits for this entry, then reuses it
+        return _build_or_load_imageset(final, key, build)
+
+
+def _build_or_load_imageset(final: Path, key: dict[str, Any], build: Callable[[Allocator], ImageSet]) -> ImageSet:
+    """Load the cached ImageSet in ``final``, or build it there (a damaged one is rebuilt)."""
     if (final / "imageset.json").exists():
         try:
             return _load_imageset(final)

@@ -19,6 +19,8 @@ under bf16 autocast (optionally through ``torch.compile``); on a CPU the path is
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -28,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import (CorruptCacheError, array_fingerprint, artifact_dir, discard_entry, file_hash, load_npy,
-                     provenance, save_json, save_npy)
+from ..cache import (CorruptCacheError, array_fingerprint, artifact_dir, discard_entry, entry_lock, file_hash,
+                     load_npy, provenance, save_json, save_npy)
 from ..config import autocast_dtype, resolve_device
 from ..data.imageset import ImageSet
 from ..data.transforms import ClassificationTransform
@@ -225,6 +227,15 @@ def extract_features(backbone: Backbone | str, ds: ImageSet, *, image_size: int 
     fingerprint = array_fingerprint(np.asarray(ds.images))
     key = feature_cache_key(backbone, fingerprint, transform, n_last)
     folder = artifact_dir("features", key)
+    with entry_lock(folder) if cache else contextlib.nullcontext():  # one extraction per entry at a time
+        return _extract(backbone, ds, folder, key, fingerprint, transform, size, n_last, batch_size, device, cache,
+                        progress, compile_model)
+
+
+def _extract(backbone: Backbone, ds: ImageSet, folder: Path, key: dict, fingerprint: str,
+             transform: ClassificationTransform, size: int, n_last: int, batch_size: int, device: str, cache: bool,
+             progress: bool, compile_model: bool) -> FeatureSet:
+    """The cached features of ``ds`` in ``folder``, or extracted now (and cached when ``cache``)."""
     arrays = _load_cached(folder) if cache else None
     info: dict[str, Any] = {"cache_hit": arrays is not None, "image_size": size, "n_last": n_last,
                             "transform": repr(transform), "cache_dir": str(folder) if cache else None}

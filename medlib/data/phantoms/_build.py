@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ...cache import (CorruptCacheError, artifact_dir, atomic_path, discard_entry, load_json, load_npy,
-                      record_checksum, save_json)
+from ...cache import (CorruptCacheError, artifact_dir, atomic_path, discard_entry, entry_lock, load_json,
+                      load_npy, record_checksum, save_json)
 
 Layout = dict[str, tuple[tuple[int, ...], Any]]  # array name -> (per-item shape, dtype)
 
@@ -94,11 +94,20 @@ def build_cached(kind: str, key: dict[str, Any] | None, n: int, fn: Callable[[in
     array with one row per item.
     """
     folder = artifact_dir(kind, key) if key is not None else None
-    if folder is not None and (folder / "meta.json").exists():
-        try:
-            return _load(folder, layout)
-        except CorruptCacheError as err:
-            discard_entry(folder, err)
+    if folder is None:
+        return _build(None, key, n, fn, layout, workers, progress, desc)
+    with entry_lock(folder):  # a second process waits for this entry, then reuses it
+        if (folder / "meta.json").exists():
+            try:
+                return _load(folder, layout)
+            except CorruptCacheError as err:
+                discard_entry(folder, err)
+        return _build(folder, key, n, fn, layout, workers, progress, desc)
+
+
+def _build(folder: Path | None, key: dict[str, Any] | None, n: int, fn: Callable[[int, int], dict[str, Any]],
+           layout: Layout, workers: int, progress: bool, desc: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Make the ``n`` items chunk by chunk into ``folder`` (or memory when None) and load them back."""
     ids: list[str] = []
     per_item: list[dict[str, Any]] = []
     with _outputs(folder, n, layout) as arrays:
@@ -112,6 +121,7 @@ def build_cached(kind: str, key: dict[str, Any] | None, n: int, fn: Callable[[in
             columns = {"patient_ids": np.asarray(ids), **_columns(per_item)}
             return dict(arrays), {"per_image": columns, "cache_dir": None}
     columns = {"patient_ids": np.asarray(ids), **_columns(per_item)}
-    save_json(folder / "meta.json", checksum=True, obj={"key": key, "n": n, "per_image": {k: v.tolist() for k, v in columns.items()},
-                                     "dtypes": {k: v.dtype.str for k, v in columns.items()}})
+    save_json(folder / "meta.json", checksum=True,
+              obj={"key": key, "n": n, "per_image": {k: v.tolist() for k, v in columns.items()},
+                   "dtypes": {k: v.dtype.str for k, v in columns.items()}})
     return _load(folder, layout)
