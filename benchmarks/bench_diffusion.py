@@ -10,6 +10,8 @@ bf16 (+ compile) vs fp32.
 
 from __future__ import annotations
 
+from benchmarks import ratio, sig3
+
 import time
 from contextlib import nullcontext
 from unittest import mock
@@ -117,10 +119,10 @@ def main(steps: int | None = None) -> dict[str, float | str]:
     name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     report = {
         "device": name, "profile": profile.name, "image_size": cfg.image_size, "batch": batch,
-        "train_ours_images_per_s": round(fast, 1), "train_default_images_per_s": round(default, 1),
-        "train_speedup": round(fast / default, 2),
-        "sample_ours_images_per_s": round(sample_fast, 2), "sample_default_images_per_s": round(sample_default, 2),
-        "sample_speedup": round(sample_fast / sample_default, 2), "sampling_steps": cfg.num_inference_steps,
+        "train_ours_images_per_s": sig3(fast), "train_default_images_per_s": sig3(default),
+        "train_speedup": ratio(fast, default, 2),
+        "sample_ours_images_per_s": sig3(sample_fast), "sample_default_images_per_s": sig3(sample_default),
+        "sample_speedup": ratio(sample_fast, sample_default, 2), "sampling_steps": cfg.num_inference_steps,
         "ours": "cached latents + tokens" + (", bf16, torch.compile" if on_gpu else " (fp32 on CPU)"),
         "default": "fp32, no compile, VAE + encoder every step",
     }

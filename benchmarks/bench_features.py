@@ -11,6 +11,8 @@ does not depend on them). CPU: the `tiny` ViT at 64 px, so that `make bench` fin
 
 from __future__ import annotations
 
+from benchmarks import ratio, sig3
+
 import tempfile
 import time
 from pathlib import Path
@@ -113,9 +115,9 @@ def main(n_images: int | None = None) -> dict[str, dict[str, float | str]]:
         naive = _naive(arch, kwargs, np.asarray(images), size, min(batch, 64), device, workers)
         name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
         report[label] = {"device": name, "image_size": size, "batch": batch, "images": n_images,
-                         "end_to_end_images_per_s": round(end_to_end, 1), "ceiling_images_per_s": round(ceiling, 1),
-                         "naive_images_per_s": round(naive, 1), "fraction_of_ceiling": round(end_to_end / ceiling, 3),
-                         "speedup_over_naive": round(end_to_end / naive, 2),
+                         "end_to_end_images_per_s": sig3(end_to_end), "ceiling_images_per_s": sig3(ceiling),
+                         "naive_images_per_s": sig3(naive), "fraction_of_ceiling": ratio(end_to_end, ceiling),
+                         "speedup_over_naive": ratio(end_to_end, naive, 2),
                          "dtype": "bf16 + torch.compile" if on_gpu else "fp32"}
         for key, value in report[label].items():
             print(f"{label} {key:>26}: {value}")

@@ -9,6 +9,8 @@ costs. Their ratio says how much the recipe's overhead costs.
 
 from __future__ import annotations
 
+from benchmarks import ratio, sig3
+
 import tempfile
 import time
 from dataclasses import replace
@@ -81,8 +83,8 @@ def main(steps: int | None = None) -> dict[str, float | str]:
     report = {
         "device": name, "profile": profile.name, "arch": profile.backbone.embedded_suffix,
         "crops": f"2x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}", "batch": cfg.batch_size,
-        "end_to_end_images_per_s": round(end_to_end, 1), "end_to_end_crops_per_s": round(end_to_end * (2 + cfg.n_local), 1),
-        "model_ceiling_images_per_s": round(ceiling, 1), "fraction_of_ceiling": round(end_to_end / ceiling, 3),
+        "end_to_end_images_per_s": sig3(end_to_end), "end_to_end_crops_per_s": sig3(end_to_end * (2 + cfg.n_local)),
+        "model_ceiling_images_per_s": sig3(ceiling), "fraction_of_ceiling": ratio(end_to_end, ceiling),
     }
     for key, value in report.items():
         print(f"{key:>28}: {value}")
