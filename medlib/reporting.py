@@ -62,16 +62,27 @@ def figure_texts(fig: Any) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
+#: columns that depend on the machine, its load or the cache's state, not on the computation: ``save_table``
+#: writes them to ``<name>_timing`` so that the result tables of two runs are byte-identical
+TIMING_COLUMNS = ("seconds", "train_s", "seconds_per_image", "wall_time_s", "time_s", "cached", "cache_hit")
+
+
 def save_table(df: pd.DataFrame, name: str, profile: str | Profile, float_format: str = "{:.3f}",
                allow_empty: bool = False, **provenance_extra: Any) -> dict[str, Path]:
     """Write ``reports/<profile>/tables/<name>.csv`` and ``.md`` (+ provenance json); return the paths.
 
     An empty table is an error unless ``allow_empty`` (e.g. "no sanity flag"), and then it needs its columns.
+    Wall-time and cache-state columns (:data:`TIMING_COLUMNS`) go to ``<name>_timing`` with the row keys.
     """
     if df.empty and not (allow_empty and len(df.columns)):
         raise ValueError(f"Table {name!r} is empty; nothing to save (allow_empty=True keeps a header-only table)")
     folder = reports_dir(profile) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
+    timing = [c for c in df.columns if str(c) in TIMING_COLUMNS]
+    if timing and not name.endswith("_timing"):  # results stay byte-identical between runs; times go apart
+        keys = [c for c in df.columns if c not in timing and not pd.api.types.is_float_dtype(df[c])]
+        save_table(df[keys + timing], f"{name}_timing", profile, float_format, allow_empty, **provenance_extra)
+        df = df.drop(columns=timing)
     csv_path, md_path = folder / f"{name}.csv", folder / f"{name}.md"
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False)

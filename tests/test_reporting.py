@@ -95,3 +95,15 @@ def test_image_figures_are_png_only_and_files_are_world_readable(out_dirs):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(paths[0].stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_table_moves_times_apart_so_results_are_byte_identical(out_dirs):
+    first = pd.DataFrame({"model": ["a", "b"], "auroc": [0.8, 0.7], "seconds": [1.5, 2.0], "cached": [False, True]})
+    second = first.assign(seconds=[9.1, 0.2], cached=[True, True])  # same results, another run's times
+    paths = reporting.save_table(first, "00_runs", "smoke")
+    text = paths["csv"].read_bytes()
+    timing = pd.read_csv(paths["csv"].with_name("00_runs_timing.csv"))
+    assert list(timing.columns) == ["model", "seconds", "cached"] and timing["seconds"].tolist() == [1.5, 2.0]
+    reporting.save_table(second, "00_runs", "smoke")
+    assert paths["csv"].read_bytes() == text
+    assert "seconds" not in pd.read_csv(paths["csv"]).columns
