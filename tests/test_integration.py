@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,13 +14,28 @@ from medlib.eval import claims
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _reproduce(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``make reproduce PROFILE=smoke`` into ``folder`` (reports, figures and an empty cache of its own)."""
+    env = dict(os.environ, MEDLIB_REPORTS=str(folder / "reports"), MEDLIB_FIGURES=str(folder / "figures"),
+               MEDLIB_CACHE=str(folder / "cache"))
+    proc = subprocess.run(["make", "reproduce", "PROFILE=smoke", *extra], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """One smoke reproduce from an empty cache, shared by the tests below."""
+    folder = tmp_path_factory.mktemp("smoke_run")
+    _reproduce(folder)
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("reproduce")
-def test_make_reproduce_smoke(tmp_path):
-    env = dict(os.environ, MEDLIB_REPORTS=str(tmp_path / "reports"), MEDLIB_FIGURES=str(tmp_path / "figures"))
-    proc = subprocess.run(["make", "reproduce", "PROFILE=smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_make_reproduce_smoke(smoke_run):
+    tmp_path = smoke_run
     reports = tmp_path / "reports" / "smoke"
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
     runs = json.loads((reports / "runs.json").read_text())
@@ -41,3 +57,21 @@ def test_make_reproduce_smoke(tmp_path):
     figures = list((tmp_path / "figures").glob("00_*_smoke.png"))
     assert len(figures) >= 5
     assert (reports / "index.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("reproduce")
+def test_a_second_run_from_an_empty_cache_writes_byte_identical_tables_and_an_unchanged_one_is_reused(
+        smoke_run, tmp_path):
+    _reproduce(tmp_path)
+    first = sorted((smoke_run / "reports" / "smoke" / "tables").glob("*"))
+    second = sorted((tmp_path / "reports" / "smoke" / "tables").glob("*"))
+    results = [p for p in first if p.suffix in (".csv", ".md") and not p.stem.endswith("_timing")]
+    assert [p.name for p in first] == [p.name for p in second]
+    differ = [p.name for p in results if p.read_bytes() != (tmp_path / "reports" / "smoke" / "tables" /
+                                                             p.name).read_bytes()]
+    assert not differ, f"tables that differ between two runs from empty caches: {differ}"
+    start = time.perf_counter()
+    proc = _reproduce(tmp_path)  # nothing changed: every report is reused
+    assert time.perf_counter() - start < 60, "an unchanged reproduce must take seconds, not minutes"
+    assert proc.stdout.count("report reused") == len(list((ROOT / "notebooks").glob("[0-9][0-9]_*.py")))
