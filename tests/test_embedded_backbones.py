@@ -16,7 +16,7 @@ CARDS = sorted(EMBEDDED_DIR.glob("*.json"))
 # continued on a domain on that domain's held-out task (and a transfer mean above zero), supervised ones on a
 # held-out set of their own task.
 # strict=True: a rebuild that passes turns these into failures, so the list cannot go stale.
-KNOWN_UNHEALTHY: dict[str, str] = {}  # none since session 9 (ssl-knee: judged on its domain, see the README)
+KNOWN_UNHEALTHY: dict[str, str] = {}  # none (ssl-knee: judged on its domain, see the README)
 
 
 def _health_param(card_path: Path):

@@ -19,8 +19,7 @@ The natural-shapes task is scored beside them and recorded (``natural_auroc_gain
 ``mean_auroc_gain_all_tasks``), not judged: it is drawn from the training distribution of the natural
 stand-ins (``ssl-natural``, ``sup-natural``), so for them it measures their own domain, not transfer
 (``sup-natural`` passed "transfer" on it alone), and for a domain continuation a loss there is
-forgetting of natural images - a finding, not a collapse. (Until session 7 the mean included it; the
-README shows both numbers.)
+forgetting of natural images - a finding, not a collapse. (The README shows the mean with and without it.)
 
 The SSL verdict averages :data:`HEALTH_DRAWS` independent held-out draws (draw d: images and shift of
 the profile's seed + d; the per-draw gains are in ``draws``): at 600 images per task a single draw
@@ -28,8 +27,8 @@ moves the mean gain by about 0.02, which is the size of the margin, and draw 0 i
 SSL recipe was chosen on, so it alone is optimistic. The per-task scores (``tasks``,
 ``tasks_unshifted``) are draw 0's.
 
-SSL backbones *continued on a domain* (``ssl-us``, ``ssl-knee``; our reading, changed in session 9 after
-``ssl-knee`` failed the transfer mean): what they are for is their domain - seed 001 fine-tunes each one
+SSL backbones *continued on a domain* (``ssl-us``, ``ssl-knee``; our reading, adopted after ``ssl-knee``
+had failed the transfer mean - see CHANGELOG.md): what they are for is their domain - Lange & Shekel fine-tune each one
 on its own domain's tasks only - so they are judged as the supervised backbones are, on what they were
 trained for: the gain on the held-out phantom task(s) of their training domain (:func:`domain_tasks`:
 knee ACL for knee MRI, breast-US malignancy for ultrasound), averaged over the same draws, *and* a
