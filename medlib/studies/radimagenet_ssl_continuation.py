@@ -850,12 +850,13 @@ def plot_ssl_curves(history: pd.DataFrame, title: str) -> Any:
 
 
 def plot_knn_health(health: pd.DataFrame, title: str) -> Any:
-    """Grouped bars: kNN AUROC of random init, before and after the continuation, per task."""
+    """Grouped bars: kNN AUROC of the no-network references (where given), random init, before and after the
+    continuation, per task."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    long = health.melt(id_vars=["task"], value_vars=["random_init", "before", "after"], var_name="backbone",
-                       value_name="knn_auroc")
+    sources = [c for c in ("pixel_stats", "pixels", "random_init", "before", "after") if c in health]
+    long = health.melt(id_vars=["task"], value_vars=sources, var_name="backbone", value_name="knn_auroc")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     sns.barplot(data=long, x="task", y="knn_auroc", hue="backbone", ax=ax)
     ax.axhline(0.5, color="grey", lw=1, ls=":")
@@ -1237,14 +1238,16 @@ def pixel_baseline_predictions(datasets: Mapping[str, ImageSet], folds: Mapping[
 def knn_health_predictions(models: StudyModels, datasets: Mapping[str, ImageSet], folds: Mapping[str, Sequence[Fold]],
                            profile: Profile | str, device: str = "cpu", random_init: Backbone | None = None,
                            pixels: bool = True) -> pd.DataFrame:
-    """Each test image's kNN score (k = 20, T = 0.07) per fold for random init, before, after and raw pixels.
+    """Each test image's kNN score (k = 20, T = 0.07) per fold for random init, before, after and two pixel references.
 
-    ``pixels`` adds a kNN on the 16 x 16 area-downsampled pixels: a reference that uses no network.
-    Long table in the form of :func:`chosen_predictions` (roles random_init, before, after, pixels).
+    ``pixels`` adds two references that use no network: a kNN on the 16 x 16 area-downsampled
+    pixels (``pixels``) and one on grey-level histogram + 4 x 4 mean intensities
+    (``pixel_stats``, :func:`medlib.models.health.pixel_statistics_features`, standardised on each
+    fold's training pool). Long table in the form of :func:`chosen_predictions`.
     """
     import torch.nn.functional as F
     from ..eval.knn import knn_predict_proba
-    from ..models.health import KNN_K, KNN_T, extract_cls
+    from ..models.health import KNN_K, KNN_T, extract_cls, pixel_statistics_features
 
     size = get_profile(profile).backbone.image_size
     rows = []
@@ -1260,9 +1263,17 @@ def knn_health_predictions(models: StudyModels, datasets: Mapping[str, ImageSet]
             x = x.mean(-1) if x.ndim == 4 else x
             px = F.interpolate(x[:, None], size=(PIXEL_SIDE, PIXEL_SIDE), mode="area")[:, 0].reshape(len(ds), -1)
             sources.append(("pixels", px.numpy()))
+            sources.append(("pixel_stats", pixel_statistics_features(np.asarray(ds.images))))
         for which, feats in sources:
             for f in folds[task]:
                 pool = np.concatenate([f.train, f.val])
+                if which == "pixel_stats":
+                    mu, sd = feats[pool].mean(0), feats[pool].std(0) + 1e-6
+                    fs = (feats - mu) / sd
+                    proba = knn_predict_proba(fs[pool], y[pool], fs[f.test], 2, k=KNN_K, temperature=KNN_T)
+                    rows.append(pd.DataFrame({"task": task, "role": which, "arm": which, "fold": f.index,
+                                              "index": f.test, "label": y[f.test], "prob": proba[:, 1]}))
+                    continue
                 proba = knn_predict_proba(feats[pool], y[pool], feats[f.test], 2, k=KNN_K, temperature=KNN_T)
                 arm = {"before": models.arm(NAT), "after": models.arm(CONT)}.get(which, which)
                 rows.append(pd.DataFrame({"task": task, "role": which, "arm": arm, "fold": f.index,
@@ -1293,7 +1304,7 @@ def below_chance_explanations(arms: pd.DataFrame, pixels: pd.DataFrame) -> dict[
             out[("*", r.task)] = (
                 f"the same folds defeat a model with no pretraining: logistic regression on {PIXEL_SIDE} x "
                 f"{PIXEL_SIDE} pixels scores {r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] on them. The finding is "
-                "a sub-pixel line at the input size (tests/test_radimagenet_ssl_continuation.py checks the labels "
+                "a sub-pixel line at the input size (tests/test_radimagenet_ssl_continuation_claims.py checks the labels "
                 "against the generator and the line's footprint), so no arm learns it from this many images and each "
                 "fold's training part carries chance associations of this draw that its test part reverses")
     return out
@@ -1302,8 +1313,8 @@ def below_chance_explanations(arms: pd.DataFrame, pixels: pd.DataFrame) -> dict[
 def knn_explanations(knn: pd.DataFrame) -> dict[tuple[str, str], str]:
     """Explanations of trained ViTs below random init in kNN that the numbers support: a pixel-level task.
 
-    Random init is explained away as a floor on a task only where a kNN on raw pixels (no
-    network) scores at least as high as random init there: random features at this size keep the
+    Random init is explained away as a floor on a task only where a kNN with no network - on raw
+    pixels or on pixel statistics - scores at least as high as random init there: random features at this size keep the
     pixel information, and such a task is separable from pixels alone. The SSL recipe trains
     invariance to crops, flips, blur and contrast changes, which discards part of that pixel-level
     information; the fine-tuned Table 1, not kNN, is the comparison of the arms.
@@ -1311,12 +1322,16 @@ def knn_explanations(knn: pd.DataFrame) -> dict[tuple[str, str], str]:
     out = {}
     for task, g in knn.groupby("task", sort=False):
         by = g.set_index("role")
-        if "pixels" not in by.index or "random_init" not in by.index:
+        refs = [r for r in ("pixels", "pixel_stats") if r in by.index]
+        if not refs or "random_init" not in by.index:
             continue
-        px, rnd = by.loc["pixels", "auroc"], by.loc["random_init", "auroc"]
+        best = max(refs, key=lambda r: by.loc[r, "auroc"])
+        px, rnd = by.loc[best, "auroc"], by.loc["random_init", "auroc"]
+        what = (f"{PIXEL_SIDE} x {PIXEL_SIDE} pixels" if best == "pixels"
+                else "pixel statistics (grey-level histogram and 4 x 4 mean intensities)")
         if px >= rnd:
             out[("*", task)] = (
-                f"the task is separable from raw pixels: a kNN on {PIXEL_SIDE} x {PIXEL_SIDE} pixels, with no network, "
+                f"the task is separable from pixels alone: a kNN on {what}, with no network, "
                 f"scores {px:.3f} against random init's {rnd:.3f}, so random init is a pixel-level reference here, not "
                 "a floor; the SSL recipe trains invariance to crops, flips, blur and contrast, which discards part of "
                 "that pixel information (kNN measures neighbourhoods, not what fine-tuning can learn)")
@@ -1341,3 +1356,19 @@ def study_sanity_flags(arms: pd.DataFrame, knn: pd.DataFrame, pixels: pd.DataFra
                                    study=STUDY, table="03_knn_health", explanations=knn_explanations(knn)))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SANITY_COLUMNS)
+
+
+def knn_health_wide(knn: pd.DataFrame) -> pd.DataFrame:
+    """One row per task from :func:`arm_auroc_table` of :func:`knn_health_predictions`: each source's kNN AUROC
+    (mean over folds) and its interval, and ``gain`` = after - before."""
+    rows = []
+    for task, g in knn.groupby("task", sort=False):
+        row: dict[str, Any] = {"task": task, "domain": CV_TASKS[task].domain if task in CV_TASKS else ""}
+        for r in g.itertuples(index=False):
+            row[r.role] = r.auroc
+            row[f"{r.role}_ci_low"], row[f"{r.role}_ci_high"] = r.ci_low, r.ci_high
+        row["gain"] = row.get("after", np.nan) - row.get("before", np.nan)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["interval"] = knn["interval"].iloc[0] if len(knn) else ""
+    return out
