@@ -206,3 +206,23 @@ def test_sanity_flags_below_chance_and_below_random_init_with_numeric_explanatio
     assert len(flags) and flags["explained"].all()
     assert check_sanity(flags, "tiny") is flags
     assert flags["explanation"].str.contains("pixels").all()
+
+
+def test_knn_health_predictions_have_every_source_and_no_network_references_read_a_planted_signal():
+    from medlib.models.backbones import create_backbone
+
+    p = get_profile("smoke")
+    ds = _planted(n=40)
+    folds = {"thyroid_us": cv.make_folds(ds, 2, seed=0)}
+    bb = create_backbone("random-vit-smoke", image_size=32)
+    models = cv.StudyModels({cv.NAT: {"us": bb}}, pd.DataFrame(), {cv.NAT: "natural", cv.CONT: "continued"})
+    preds = cv.knn_health_predictions(models, {"thyroid_us": ds}, folds, p, random_init=bb)
+    assert set(preds["role"]) == {"random_init", "before", "pixels", "pixel_stats"}  # no continued ViT given
+    assert set(preds.loc[preds["role"] == "before", "arm"]) == {"natural"}
+    for fold in folds["thyroid_us"]:
+        got = np.sort(preds[(preds["role"] == "pixels") & (preds["fold"] == fold.index)]["index"].to_numpy())
+        assert np.array_equal(got, fold.test)
+    knn = cv.arm_auroc_table(cv.bootstrap_fold_auroc(preds, 50))
+    wide = cv.knn_health_wide(knn)
+    assert wide.loc[0, "pixels"] > 0.9 and wide.loc[0, "pixel_stats"] > 0.9
+    assert np.isnan(wide.loc[0, "gain"])
