@@ -1,4 +1,4 @@
-"""Study 3: arm names from the loaded backbone, knee labels against the generator, a planted-signal grid, claims, flags."""
+"""Study 3: arm names from the loaded backbone, knee labels vs the generator, a planted-signal grid, claims, flags."""
 
 import numpy as np
 import pandas as pd
@@ -134,7 +134,7 @@ def test_bootstrap_auroc_matches_sklearn_and_stays_in_range():
 
 
 def _paper_like():
-    """Effects shaped like the paper: continued > natural, medical > IN everywhere, natural below medical but on breast."""
+    """Effects shaped like the paper: continued > natural, medical > IN everywhere, natural < medical but on breast."""
     return {cv.IN: 1.0, cv.MED: 2.0,
             cv.NAT: {"thyroid_us": 1.2, "breast_us": 3.0, "acl_mri": 1.2, "meniscus_mri": 1.2},
             cv.CONT: {"thyroid_us": 1.8, "breast_us": 1.8, "acl_mri": 1.8, "meniscus_mri": 1.8}}

@@ -78,8 +78,9 @@ def arm_label(role: str, backbone_name: str | None) -> str:
     """What to call an arm in tables and figures, from the backbone actually loaded (never from the role alone).
 
     The natural SSL ViT is called DINOv2 only when its weights are Meta's (the registry's
-    ``is_dinov2``, e.g. ``dinov2-vit-s14`` in the ``paper`` profile); the continued ViT is "DINOv2 + domain SSL" only when the backbone passed
-    for it - its parent, the start point of the continuation - is one; the medical CNN is RIN only
+    ``is_dinov2``, e.g. ``dinov2-vit-s14`` in the ``paper`` profile); the continued ViT is
+    "DINOv2 + domain SSL" only when the backbone passed for it - its parent, the start point of
+    the continuation - is one; the medical CNN is RIN only
     when it is RadImageNet's. Otherwise the role name says what it is.
     """
     name = (backbone_name or "").lower()
@@ -772,7 +773,8 @@ def table1(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (task, role), g in chosen.groupby(["task", "role"], sort=False):
         rows.append({"task": task, "dataset": CV_TASKS[task].published if task in CV_TASKS else task, "role": role,
-                     "arm": g["arm"].iloc[0] if "arm" in g else role, "backbone": g["backbone"].iloc[0], "setting": g["setting"].iloc[0],
+                     "arm": g["arm"].iloc[0] if "arm" in g else role, "backbone": g["backbone"].iloc[0],
+                     "setting": g["setting"].iloc[0],
                      "mean": float(g["test_auroc"].mean()),
                      "std": float(g["test_auroc"].std(ddof=1)) if len(g) > 1 else float("nan"), "folds": len(g)})
     return pd.DataFrame(rows)
@@ -966,7 +968,7 @@ def chosen_predictions(results: pd.DataFrame, models: StudyModels, datasets: Map
 
 
 def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUROC of each row of ``scores`` (B, n) against the 0/1 ``labels`` (B, n) (ties count one half); NaN if one class."""
+    """AUROC of each row of ``scores`` (B, n) against 0/1 ``labels`` (B, n) (ties count one half); NaN if one class."""
     from scipy.stats import rankdata
 
     ranks = rankdata(scores, axis=1)
@@ -1044,7 +1046,8 @@ def _ci(reps: np.ndarray) -> tuple[float, float]:
 
 
 def _published(task: str, role: str, what: str = "mean") -> float:
-    row = PUBLISHED_TABLE1[(PUBLISHED_TABLE1["dataset"] == CV_TASKS[task].published) & (PUBLISHED_TABLE1["role"] == role)]
+    pub = PUBLISHED_TABLE1
+    row = pub[(pub["dataset"] == CV_TASKS[task].published) & (pub["role"] == role)]
     return float(row[what].iloc[0]) if len(row) else float("nan")
 
 
@@ -1057,7 +1060,8 @@ def arm_auroc_table(boot: Mapping[str, FoldAUROC], arms: Mapping[str, str] | Non
         for role in b.arms:
             m, reps = b.mean(role)
             lo, hi = _ci(reps)
-            rows.append({"task": task, "role": role, "arm": (arms or {}).get(role, b.labels.get(role, role)), "auroc": m,
+            arm = (arms or {}).get(role, b.labels.get(role, role))
+            rows.append({"task": task, "role": role, "arm": arm, "auroc": m,
                          "ci_low": min(lo, m), "ci_high": max(hi, m)})
     out = pd.DataFrame(rows)
     out["interval"] = _interval_text(n)
@@ -1103,7 +1107,7 @@ def continuation_effects(boot: Mapping[str, FoldAUROC]) -> pd.DataFrame:
 
 
 def continuation_sentence(effects: pd.DataFrame, arms: Mapping[str, str] | None = None) -> str:
-    """One sentence per direction, generated from :func:`continuation_effects`: where the continuation helped or hurt."""
+    """One clause per direction, generated from :func:`continuation_effects`: where the continuation helped or hurt."""
     if effects.empty:
         return "The continued ViT was not fine-tuned here, so its effect is not measured."
     cont, nat = (arms or {}).get(CONT, CONT), (arms or {}).get(NAT, NAT)
@@ -1304,9 +1308,9 @@ def below_chance_explanations(arms: pd.DataFrame, pixels: pd.DataFrame) -> dict[
             out[("*", r.task)] = (
                 f"the same folds defeat a model with no pretraining: logistic regression on {PIXEL_SIDE} x "
                 f"{PIXEL_SIDE} pixels scores {r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] on them. The finding is "
-                "a sub-pixel line at the input size (tests/test_radimagenet_ssl_continuation_claims.py checks the labels "
-                "against the generator and the line's footprint), so no arm learns it from this many images and each "
-                "fold's training part carries chance associations of this draw that its test part reverses")
+                "a sub-pixel line at the input size (tests/test_radimagenet_ssl_continuation_claims.py checks the "
+                "labels against the generator and the line's footprint), so no arm learns it from this many images, "
+                "and each fold's training part carries chance associations of this draw that its test part reverses")
     return out
 
 
@@ -1316,7 +1320,7 @@ def knn_explanations(knn: pd.DataFrame) -> dict[tuple[str, str], str]:
     Random init is explained away as a floor on a task only where a kNN with no network - on raw
     pixels or on pixel statistics - scores at least as high as random init there: random features at this size keep the
     pixel information, and such a task is separable from pixels alone. The SSL recipe trains
-    invariance to crops, flips, blur and contrast changes, which discards part of that pixel-level
+    invariance to crops, flips, blur, brightness and contrast, which discards part of that pixel-level
     information; the fine-tuned Table 1, not kNN, is the comparison of the arms.
     """
     out = {}
@@ -1333,7 +1337,8 @@ def knn_explanations(knn: pd.DataFrame) -> dict[tuple[str, str], str]:
             out[("*", task)] = (
                 f"the task is separable from pixels alone: a kNN on {what}, with no network, "
                 f"scores {px:.3f} against random init's {rnd:.3f}, so random init is a pixel-level reference here, not "
-                "a floor; the SSL recipe trains invariance to crops, flips, blur and contrast, which discards part of "
+                "a floor; the SSL recipe trains invariance to crops, flips, blur, brightness and contrast, which "
+                "discards part of "
                 "that pixel information (kNN measures neighbourhoods, not what fine-tuning can learn)")
     return out
 
