@@ -1,4 +1,4 @@
-"""Study 3 (seed 001, Lange & Shekel): DINOv2 continued on domain images, 5-fold cross-validated fine-tuning.
+"""Study 3 (Lange & Shekel 2024, TAU course report): SSL continued on domain images, 5-fold cross-validated fine-tuning.
 
 Notebook ``03_radimagenet_ssl_continuation`` is a sequence of short calls to this module:
 
@@ -13,14 +13,24 @@ Notebook ``03_radimagenet_ssl_continuation`` is a sequence of short calls to thi
   each role uses), :func:`ssl_history_table` (loss curves from the model card or the run),
   :func:`card_health_table`, :func:`knn_health_table` (kNN before / after the continuation);
 - fine-tuning: :func:`grid_settings`, :func:`seed001_transforms`, :func:`run_fold` (one
-  fine-tuning run with seed 001's head, BCE, best-val-loss epoch restored and checked; its
+  fine-tuning run with the paper's head, BCE, best-val-loss epoch restored and checked; its
   predictions cached on disk so a re-run is fast and a killed run resumes),
   :func:`cross_validate`, :func:`load_fold_predictions`;
 - tables: :func:`restore_check`, :func:`select_settings` (the grid setting chosen on validation
   AUROC, never test),
   :func:`grid_table`, :func:`table1`, :func:`table1_vs_paper` (beside :data:`PUBLISHED_TABLE1`),
   :func:`format_table1`;
-- figures: :func:`plot_ssl_curves`, :func:`plot_knn_health`, :func:`plot_grid`, :func:`plot_folds`.
+- figures: :func:`plot_ssl_curves`, :func:`plot_knn_health`, :func:`plot_grid`, :func:`plot_folds`;
+- arms: :data:`ROLES` name our arms for what they are; :func:`arm_label` says DINOv2 / RIN only for
+  the backbones the registry marks as such (the ``paper`` profile), :data:`PAPER_ARMS` names the
+  paper's arms beside its numbers;
+- intervals, claims, flags: :func:`chosen_predictions`, :func:`bootstrap_fold_auroc` (paired
+  percentile bootstrap over test images within folds), :func:`arm_auroc_table`,
+  :func:`pixel_baseline_predictions` (a pixel model on the same folds),
+  :func:`knn_health_predictions` / :func:`knn_health_wide` (kNN with no-network references),
+  :func:`continuation_effects` / :func:`continuation_sentence`, :func:`study_claims` (the five
+  published claims), :func:`study_sanity_flags` (below chance, below random init; explained only
+  where :func:`below_chance_explanations` / :func:`knn_explanations` find the numbers support it).
 
 Every runner takes the profile for its sizes (``profile.eval.cv_*``), so no size is written in the
 notebook. Names say what weights are: nothing here is DINOv2 unless the ``paper`` profile loads
@@ -326,7 +336,7 @@ def continuation_config(domain: str, profile: Profile | str) -> tuple[Any, dict]
 
     Steps are ``steps_fraction`` of the profile's (``eval.cv_ssl_steps_fraction`` when set), capped by
     ``eval.cv_ssl_fallback_steps`` when that is set; warm-ups scale with the steps; vertical flips on
-    (seed 001). Returns (SSLConfig, a dict saying what was scaled).
+    (the paper). Returns (SSLConfig, a dict saying what was scaled).
     """
     from ..models.build import RECIPES
 
@@ -558,7 +568,7 @@ class Setting:
 
 
 def grid_settings(profile: Profile | str) -> list[Setting]:
-    """The lr x batch grid of the profile (seed 001: {1e-5, 1e-6} x {8, 16, 32})."""
+    """The lr x batch grid of the profile (Lange & Shekel: {1e-5, 1e-6} x {8, 16, 32})."""
     p = get_profile(profile)
     if not p.eval.cv_lrs or not p.eval.cv_batch_sizes:
         raise ValueError(f"profile {p.name!r} has an empty fine-tuning grid (eval.cv_lrs / eval.cv_batch_sizes)")
@@ -566,7 +576,7 @@ def grid_settings(profile: Profile | str) -> list[Setting]:
 
 
 class Seed001Augment:
-    """Seed 001's training augmentation: rotation +-10, shear +-10, translation +-10 %, random resized crop, flip.
+    """The paper's training augmentation: rotation +-10, shear +-10, translation +-10 %, random resized crop, flip.
 
     A random affine per image (on uint8), then :class:`ClassificationTransform` (random resized crop
     with scale (0.75, 1) - the paper gives no scale, our assumption - horizontal flip,
@@ -634,11 +644,11 @@ def fold_cache_dir(backbone: Backbone, ds: ImageSet, fold: Fold, setting: Settin
 
 def run_fold(backbone: Backbone, ds: ImageSet, fold: Fold, setting: Setting, profile: Profile | str, *,
              device: str = "auto", progress: bool = False, cache: bool = True) -> dict:
-    """Fine-tune ``backbone`` + seed 001's head on one fold; return its record (cached on disk with the predictions).
+    """Fine-tune ``backbone`` + the paper's head on one fold; return its record (cached on disk with the predictions).
 
     Head: CLS -> LayerNorm -> Linear(D, 256) -> ReLU -> Linear(256, 1), sigmoid + BCE; all
     parameters trained (AdamW, one lr, no weight decay); ``eval.cv_epochs`` epochs; the epoch
-    with the lowest validation loss is restored (seed 001's code forgot to copy it) and the
+    with the lowest validation loss is restored (the authors' code forgot to copy it) and the
     restoration is checked by re-evaluating the returned model on val. Test is scored once.
     When the last training batch would hold a single image, that image is left out (BatchNorm).
     """
