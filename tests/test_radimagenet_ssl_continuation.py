@@ -163,7 +163,7 @@ def test_run_fold_restores_best_epoch_caches_and_resumes(tmp_path, monkeypatch):
 def _results():
     rows = []
     for task in ("thyroid_us", "acl_mri"):
-        for role, base in (("IN", 0.6), ("DINOv2", 0.7)):
+        for role, base in ((cv.IN, 0.6), (cv.NAT, 0.7)):
             grid = (("lr 0.001, batch 16", 0.1, -0.05), ("lr 0.0001, batch 16", 0.0, 0.1))
             for setting, val_shift, test_shift in grid:
                 for fold in range(3):
@@ -182,16 +182,18 @@ def test_setting_is_chosen_on_validation_not_test():
 
 def test_table1_mean_std_and_paper_columns():
     t1 = cv.table1(_results())
-    row = t1[(t1["task"] == "thyroid_us") & (t1["role"] == "IN")].iloc[0]
+    row = t1[(t1["task"] == "thyroid_us") & (t1["role"] == cv.IN)].iloc[0]
     assert row["mean"] == pytest.approx(0.6 - 0.05 + 0.02)
     assert row["std"] == pytest.approx(np.std([0.0, 0.02, 0.04], ddof=1))
     assert row["folds"] == 3 and row["dataset"] == "Thyroid US"
     vs = cv.table1_vs_paper(t1, "smoke")
-    pub = vs[(vs["dataset"] == "Thyroid US") & (vs["role"] == "IN")].iloc[0]
+    pub = vs[(vs["dataset"] == "Thyroid US") & (vs["role"] == cv.IN)].iloc[0]
     assert (pub["published"], pub["published_std"]) == (0.76, 0.14)
     assert pub["delta"] == pytest.approx(row["mean"] - 0.76)
     wide = cv.format_table1(vs)
-    assert wide.loc[wide["dataset"] == "Thyroid US", "IN (published)"].iloc[0] == "0.760 +- 0.140"
+    assert wide.loc[wide["dataset"] == "Thyroid US", "IN (ResNet-50) (published)"].iloc[0] == "0.760 +- 0.140"
+    assert "SSL-natural (ours)" in wide.columns and "DINOv2 ViT-S/14 (published)" in wide.columns
+    assert not any("DINOv2" in c for c in wide.columns if c.endswith("(ours)"))
     grid = cv.grid_table(_results())
     assert {"thyroid_us", "acl_mri", "mean_test_auroc", "mean_val_auroc"} <= set(grid.columns)
     assert len(grid) == 4
@@ -199,9 +201,9 @@ def test_table1_mean_std_and_paper_columns():
 
 def test_published_table1_matches_paper_results():
     pub = cv.PUBLISHED_TABLE1.set_index(["dataset", "role"])
-    assert pub.loc[("ACL MRI", "DINOv2+SSL"), "mean"] == 0.966
-    assert pub.loc[("Meniscus MRI", "RIN"), "std"] == 0.02
-    assert np.isnan(pub.loc[("Breast US", "DINOv2+SSL"), "mean"])
+    assert pub.loc[("ACL MRI", cv.CONT), "mean"] == 0.966
+    assert pub.loc[("Meniscus MRI", cv.MED), "std"] == 0.02
+    assert np.isnan(pub.loc[("Breast US", cv.CONT), "mean"])
     assert len(pub) == 16
 
 
