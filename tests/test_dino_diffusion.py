@@ -346,6 +346,7 @@ def test_augmentation_study_runs_three_arms_with_repeats(built):
     assert list(first["arm"]) == list(X.ARMS)
     assert list(first["real_images"]) == [4, 4, 0] and list(first["synthetic_images"]) == [0, 4, 4]
     assert ((t["ci_low"] <= t["auroc"] + 1e-9) & (t["auroc"] <= t["ci_high"] + 1e-9)).all()
+    assert t["interval"].str.contains("percentile bootstrap over test images").all()
     # aug_steps = 2, batch 4: 4 images -> 2 epochs of 1 step, 8 images -> 1 epoch of 2 steps
     assert list(first["steps"]) == [2, 2, 2] and list(first["epochs"]) == [2, 1, 2]
     summary = result.summary.set_index("arm")

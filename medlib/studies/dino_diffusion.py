@@ -501,6 +501,7 @@ def augmentation_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, sp
                              "real_images": len(real) if arm != "synthetic only" else 0,
                              "synthetic_images": len(syn) if arm != "real" else 0, "epochs": out["epochs"],
                              "steps": out["steps"], "auroc": ci.estimate, "ci_low": ci.low, "ci_high": ci.high,
+                             "interval": "95 % percentile bootstrap over test images (this run)",
                              "seconds": out["seconds"]})
     table = pd.DataFrame(rows)
     scores = {(n, arm): np.stack([scores_by_run[(n, r, arm)] for r in range(repeats)])
