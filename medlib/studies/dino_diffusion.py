@@ -1023,7 +1023,7 @@ def claims_table(sweep: SweepResult, memorisation: "MemorisationStudy", augmenta
     if res.nn_feature is not None:
         gap = median_gap(res.nn_feature, res.heldout_nn_feature, n_resamples=p.eval.bootstrap, seed=p.seed)
         rows.append(claim(
-            STUDY, "4b", "... without copying it (no memorisation)",
+            STUDY, "4b", "Global-token conditioning does not copy the image (no memorisation)",
             "global tokens prevent copying the image",
             "median nearest-training-image distance of generations from training tokens - that of held-out real "
             "images (cosine, SSL CLS space)", gap["estimate"], (gap["ci_low"], gap["ci_high"]),
