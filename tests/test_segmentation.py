@@ -299,3 +299,52 @@ def test_unknown_training_option_names_the_accepted_ones(small):
     train, val = small
     with pytest.raises(TypeError, match="training options are: epochs, lr, batch_size"):
         train_segmenter(_tiny_unet(), train, val, epochs=1, lr=0.1, batch_size=4, image_size=32, momentun=0.9)
+
+
+# --------------------------------------------------------------------------- training loss and the image-blind prior
+
+
+def test_segmentation_loss_counts_the_background():
+    # Half the pixels are organ 1, half background. Painting everything as organ 1 is nearly free for the
+    # foreground-only Dice (organ 1's soft Dice is still 2/3) but costs the background's Dice in "dice".
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[:, :, :2] = 1
+    painted = torch.full((1, 2, 4, 4), -20.0)
+    painted[:, 1] = 20.0
+    fg = seg.segmentation_loss(painted, target, "dice_fg").item()
+    both = seg.segmentation_loss(painted, target, "dice").item()
+    assert fg == pytest.approx(1 - 2 / 3, abs=1e-4)
+    assert both == pytest.approx(1 - (0 + 2 / 3) / 2, abs=1e-4)
+    with_ce = seg.segmentation_loss(painted, target, "dice_ce").item()
+    assert with_ce == pytest.approx(both + 0.5 * 40, rel=1e-3)  # CE: half the pixels cost 40 nats
+    perfect = torch.where(target[:, None] == torch.arange(2)[None, :, None, None], 20.0, -20.0)
+    assert all(seg.segmentation_loss(perfect, target, k).item() < 1e-4 for k in seg.LOSSES)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        seg.segmentation_loss(perfect, target, "focal")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        seg.SegTrainConfig(epochs=1, lr=0.1, batch_size=2, image_size=32, loss="focal")
+
+
+def test_majority_prior_known_values():
+    masks = np.array([[[0, 1], [2, 2]], [[0, 1], [1, 2]], [[1, 0], [1, 0]]])
+    # per pixel: (0,0): 0,0,1 -> 0; (0,1): 1,1,0 -> 1; (1,0): 2,1,1 -> 1; (1,1): 2,2,0 -> 2
+    assert seg.majority_prior(masks).tolist() == [[0, 1], [1, 2]]
+    assert seg.majority_prior(np.array([[[0, 1]], [[1, 0]]])).tolist() == [[0, 0]]  # ties: lowest label
+    with pytest.raises(ValueError, match="outside"):
+        seg.majority_prior(masks, n_classes=2)
+    with pytest.raises(TypeError):
+        seg.majority_prior(masks.astype(float))
+
+
+def test_evaluate_prior_scores_the_prior_map():
+    ds = make_dataset("cxr", 12, size=64)
+    train, test = ds.subset(np.arange(8)), ds.subset(np.arange(8, 12))
+    prior = seg.majority_prior(np.asarray(train.masks), 4)
+    table = seg.evaluate_prior(train, test)
+    assert list(table["row"]) == [0, 1, 2, 3]
+    for row in range(len(test)):
+        expected = dice_jaccard(prior, np.asarray(test.masks[row]), 4)
+        assert table.loc[row, "dice_heart"] == pytest.approx(expected.dice[2])
+        assert table.loc[row, "dice"] == pytest.approx(expected.macro_dice)
+    # the chest prior knows where the lungs usually are, so it is far from zero, and it is not perfect
+    assert 0.3 < table["dice"].mean() < 0.99
