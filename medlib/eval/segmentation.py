@@ -747,7 +747,7 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
     and batch order depend on (seed, repeat) only, so curves over n are paired. The epoch is
     selected on the whole ``val`` set, which is never merged into training (defect B2). Returns a
     long table: model, n, n_images, repeat, dice, jaccard, mean_dj (test means over images),
-    val_dice, best_epoch.
+    val_dice, best_epoch and one ``dice_<class>`` per foreground class.
     """
     if sampling not in ("random", "evenly_spaced"):
         raise ValueError(f"sampling must be 'random' or 'evenly_spaced', got {sampling!r}.")
@@ -768,7 +768,8 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
             records.append({"model": model_name, "n": n, "n_images": int(len(rows)), "repeat": repeat,
                             "dice": _nanmean(per_image["dice"]), "jaccard": _nanmean(per_image["jaccard"]),
                             "mean_dj": _nanmean(per_image["mean_dj"]), "val_dice": result.best_val_dice,
-                            "best_epoch": result.best_epoch})
+                            "best_epoch": result.best_epoch,
+                            **{c: _nanmean(per_image[c]) for c in per_image.columns if c.startswith("dice_")}})
     return pd.DataFrame.from_records(records)
 
 
