@@ -115,3 +115,17 @@ def test_mean_and_auroc_intervals_stay_in_range():
 
 def test_backbone_arms():
     assert [study.backbone_arm(b) for b in BACKBONES] == ["ssl", "supervised", "supervised", "random"]
+
+
+def test_headline_findings_follow_the_numbers():
+    knn, probes, few, seg, seg_summary, peft, shares = _tables()
+    seg = pd.concat([seg.assign(model=seg["backbone"] + " + U-Net decoder")], ignore_index=True)
+    text = study.headline_findings(knn, probes, seg, study.study1_claims(knn, probes, few, seg, seg_summary, peft,
+                                                                        shares))
+    assert "**efficientnet-lite0.in1k** has the highest test AUROC in 4 of 4" in text and "wins every one" in text
+    assert "the same sign as" in text
+    reversed_ = study.study1_claims(*_tables(seg1=(0.5, 0.9)))
+    assert "**opposite** sign" in study.headline_findings(knn, probes, seg, reversed_)
+    knn2 = _tables(ssl=0.95)[0]  # the SSL stand-in wins the kNN cells, the CNN the probe cells
+    mixed = study.headline_findings(knn2, probes, seg, reversed_)
+    assert "wins every one" not in mixed and "in 2 of 4" in mixed

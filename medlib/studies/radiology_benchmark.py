@@ -1162,5 +1162,38 @@ __all__ = [
     "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
     "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
-    "backbone_arm", "mean_interval", "sanity_results", "study1_claims", "study1_flags",
+    "backbone_arm", "headline_findings", "mean_interval", "sanity_results", "study1_claims", "study1_flags",
 ]
+
+
+def headline_findings(knn: pd.DataFrame, probes: pd.DataFrame, seg: pd.DataFrame, claims: pd.DataFrame) -> str:
+    """Sentences for the notebook's findings, generated from its tables: which backbone wins most cells of the
+    frozen-feature tables and the segmentation table, and whether the one-shot segmentation gap keeps its sign."""
+    knn_sel = knn[knn["selected"]] if "selected" in knn else knn
+    cells = [("kNN", knn_sel), *[(p, g) for p, g in probes.groupby("probe", sort=False)]]
+    wins: dict[str, int] = {}
+    total = 0
+    for _, table in cells:
+        for _, group in table.dropna(subset=["test_auroc"]).groupby("dataset", sort=False):
+            wins[group.loc[group["test_auroc"].idxmax(), "backbone"]] = wins.get(
+                group.loc[group["test_auroc"].idxmax(), "backbone"], 0) + 1
+            total += 1
+    lines = []
+    if total:
+        leader, count = max(wins.items(), key=lambda kv: kv[1])
+        lines.append(f"- Frozen features: **{leader}** has the highest test AUROC in {count} of {total} (method, data "
+                     f"set) cells (kNN, linear probe, logistic regression)" + (
+                         "; it wins every one." if count == total else "."))
+    trained = seg[seg["head"] != PRIOR]
+    if len(trained):
+        seg_wins = [g.loc[g["test_dice"].idxmax(), "model"] for _, g in trained.groupby("dataset", sort=False)]
+        lines.append("- Segmentation: the best test Dice per data set is " + ", ".join(
+            f"{d}: **{m}**" for d, m in zip(trained["dataset"].unique(), seg_wins)) + ".")
+    one = claims[claims["id"].astype(str) == "3a"]
+    if len(one) and np.isfinite(one["ours"].iloc[0]):
+        ours = float(one["ours"].iloc[0])
+        sign = "the same sign as" if ours > 0 else "the **opposite** sign to"
+        lines.append(f"- Few-shot segmentation at the smallest n: frozen SSL stand-in + U-Net decoder minus the U-Net "
+                     f"from scratch = {ours:+.3f} (interval [{one['ci_low'].iloc[0]:+.3f}, "
+                     f"{one['ci_high'].iloc[0]:+.3f}]), {sign} the published gap (+0.346 on Montgomery).")
+    return "\n".join(lines)
