@@ -1,7 +1,7 @@
-"""Few-shot evaluation on cached features: seeded repeats with confidence intervals, or seed 002's single draw.
+"""Few-shot evaluation on cached features: seeded repeats with confidence intervals, or the authors' single draw.
 
 For each n in ``ns`` (e.g. 1, 2, 4, 8, 16, "all") the runner draws a training subset from the
-**train split only** - never from val or test (seed 002 defect B2: its few-shot runs merged
+**train split only** - never from val or test (defect B2 of the authors' code: its few-shot runs merged
 val into train) - fits a probe on it, scores the test split and records one row per metric.
 
 Protocols:
@@ -11,8 +11,8 @@ Protocols:
   mean and a 95 % interval over the repeats (default: percentile bootstrap of the mean over the
   repeats, which stays inside the metric's range; a t-interval over a handful of repeats does not,
   e.g. t = 12.7 for two repeats). A single draw, as in
-  seed 002's code, gives no idea of the spread (defect B6).
-- ``"paper"``: seed 002's one deterministic draw - n evenly spaced images of the train split
+  the authors' code, gives no idea of the spread (defect B6).
+- ``"paper"``: the authors' one deterministic draw - n evenly spaced images of the train split
   in total (:func:`medlib.data.splits.evenly_spaced_indices`) for ``unit="image"``, or one
   draw of n patients per class (NIH ChestX-ray14) for ``unit="patient"``; no interval.
 
@@ -20,7 +20,7 @@ A probe is any callable ``probe(train, val, test) -> test probabilities`` over
 :class:`~medlib.eval.features.FeatureSet` s; :func:`knn_probe`, :func:`mlknn_probe`,
 :func:`logistic_probe` and :func:`linear_probe_fn` build the usual ones. Probes that select
 hyper-parameters see the full validation split for *selection only* and are never refit on
-it (our assumption: seed 002 does not say how few-shot heads were tuned).
+it (our assumption: the authors' code does not say how few-shot heads were tuned).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ BOOTSTRAP_RESAMPLES = 2000
 
 
 def knn_probe(k: int = 20, temperature: float = 0.07, mlknn_k: int | None = None, s: float = 1.0) -> Probe:
-    """kNN as seed 002 runs it: DINOv2's weighted vote for single-label tasks, ML-kNN for multi-label."""
+    """kNN as the authors' code runs it: DINOv2's weighted vote for single-label tasks, ML-kNN for multi-label."""
 
     def probe(train: FeatureSet, val: FeatureSet | None, test: FeatureSet) -> np.ndarray:
         """Test probabilities of the kNN classifier fitted on ``train``."""
@@ -130,7 +130,7 @@ def check_split(split: dict[str, np.ndarray], n_images: int) -> dict[str, np.nda
             shared = np.intersect1d(parts[a], parts[b])
             if shared.size:
                 raise ValueError(f"split parts {a!r} and {b!r} share {shared.size} image(s) (e.g. {shared[0]}); "
-                                 "few-shot training sets must come from train alone (seed 002 defect B2)")
+                                 "few-shot training sets must come from train alone (defect B2)")
     return parts
 
 

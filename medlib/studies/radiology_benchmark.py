@@ -1,4 +1,4 @@
-"""Study 1 (seed 002, Baharoon et al.): runners that loop over backbones x data sets and return tidy tables.
+"""Study 1 (Baharoon et al. 2023, arXiv 2312.02366): runners that loop over backbones x data sets and return tidy tables.
 
 Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to this module:
 
@@ -10,7 +10,7 @@ Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to th
 - frozen-feature evaluations: :func:`knn_table` (weighted vote, ML-kNN for multi-label),
   :func:`probe_table` (the linear-probe grid and logistic regression, chosen on val, refit on
   train + val, tested once), :func:`few_shot_table` (seeded repeats with 95 % intervals and
-  seed 002's single deterministic draw);
+  the authors' single deterministic draw);
 - fine-tuning: :func:`peft_table` (full / LoRA / BitFit / linear) and
   :func:`parameter_share_table` (trainable share of LoRA and BitFit, counted on any timm
   architecture without building its weights);
@@ -72,13 +72,13 @@ class BenchmarkDataset:
     family: str  # phantom family
     params: Mapping[str, Any]  # make_dataset keyword arguments (site, target)
     source_key: str | None  # key of profile.data.sources that replaces the phantom (paper profile)
-    stands_in_for: str  # the real benchmark(s) of seed 002 (or seed 001) it mimics
+    stands_in_for: str  # the real benchmark(s) of the paper it mimics
 
 
 STUDY1_DATASETS: Mapping[str, BenchmarkDataset] = {
     "chest_xray": BenchmarkDataset("cxr", {"site": 0}, "cxr_multilabel", "NIH ChestX-ray14 / CheXpert (multi-label)"),
     "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)"),
-    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like, seed 001)"),
+    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like)"),
     "breast_us": BenchmarkDataset("breast_us", {}, "breast_us", "breast ultrasound, benign vs malignant"),
 }
 
@@ -221,7 +221,7 @@ def _accuracy(task: str, y: np.ndarray, proba: np.ndarray) -> float:
 
 def knn_scores(train: FeatureSet, query: FeatureSet, k: int, temperature: float = 0.07, s: float = 1.0
                ) -> tuple[np.ndarray, str, int]:
-    """Seed 002's kNN: ML-kNN (cosine, smoothing s) for multi-label, DINOv2's weighted vote otherwise.
+    """The authors' kNN: ML-kNN (cosine, smoothing s) for multi-label, DINOv2's weighted vote otherwise.
 
     Returns the query probabilities (binary: the positive column only), the method's name
     and the k actually used (ML-kNN caps k at n_train - 1, the vote at n_train).
@@ -345,7 +345,7 @@ class FewShotTables:
 
 
 def few_shot_probe(kind: str, profile: Profile | str, device: str = "auto") -> fewshot.Probe:
-    """The few-shot probe named ``kind``: "linear" (seed 002's grid), "logistic" or "knn", sized by the profile."""
+    """The few-shot probe named ``kind``: "linear" (the authors' grid), "logistic" or "knn", sized by the profile."""
     p = get_profile(profile)
     if kind == "linear":
         return fewshot.linear_probe_fn(profile=p, seed=p.seed, device=device)
@@ -367,7 +367,7 @@ def few_shot_table(ds: ImageSet, features: Mapping[str, FeatureSet], split: Mapp
     """Few-shot test AUROC of every backbone (``features``: backbone -> FeatureSet of ``ds``), n = profile's + "all".
 
     ``"repeats"``: ``eval.few_shot_repeats`` seeded draws per n, mean and 95 % t-interval;
-    ``"paper"``: seed 002's single deterministic draw. Training images come from the train
+    ``"paper"``: the authors' single deterministic draw. Training images come from the train
     split only; an n that a class cannot supply is skipped and listed in ``skipped``.
     """
     p = get_profile(profile)
@@ -397,7 +397,7 @@ def _published(rows: Mapping[str, Sequence[float]]) -> pd.DataFrame:
                          for n, v in zip(ns, values)])
 
 
-#: Seed 002, few-shot NIH ChestX-ray14 linear probe, macro AUROC; n = patients per class (authors' figure data).
+#: Baharoon et al. 2023, few-shot NIH ChestX-ray14 linear probe, macro AUROC; n = patients per class (authors' figure data).
 PUBLISHED_FEW_SHOT_NIH = _published({
     "DINOv2 ViT-L/14": (0.502, 0.528, 0.519, 0.584, 0.601, 0.763),
     "ViT-L/16 IN-21k": (0.520, 0.536, 0.548, 0.582, 0.586, 0.752),
@@ -406,7 +406,7 @@ PUBLISHED_FEW_SHOT_NIH = _published({
     "VGG-19 IN-1k": (0.505, 0.519, 0.521, 0.557, 0.572, 0.696),
 })
 
-#: Seed 002, few-shot Montgomery lung segmentation, mean of Dice and Jaccard; n = training images.
+#: Baharoon et al. 2023, few-shot Montgomery lung segmentation, mean of Dice and Jaccard; n = training images.
 PUBLISHED_SEG_MONTGOMERY = _published({
     "DINOv2 ViT-L/14 (frozen)": (0.929, 0.941, 0.962, 0.961, 0.961, 0.974),
     "U-Net (from scratch)": (0.583, 0.788, 0.893, 0.941, 0.960, 0.973),
@@ -863,7 +863,7 @@ def plot_few_shot(summary: pd.DataFrame, title: str, metric: str = "auroc", publ
     if published is not None:
         for model, group in published.groupby("model", sort=False):
             axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=model)
-        axes[0, 1].set(title="Published (seed 002, NIH ChestX-ray14)", xlabel="patients per class",
+        axes[0, 1].set(title="Published (Baharoon et al. 2023, NIH ChestX-ray14)", xlabel="patients per class",
                        ylabel="macro AUROC", xticks=range(len(order)), xticklabels=[str(n) for n in order])
         axes[0, 1].legend(fontsize=7)
     return fig
