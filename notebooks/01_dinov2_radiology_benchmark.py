@@ -380,7 +380,7 @@ summary.round(3)
 # lr grid and batch size of the profile; few-shot segmentation with as many optimiser steps for
 # every n; the 4th U-Net up-block keeps D/8 channels; the PCA threshold and sign rule.
 #
-# Defects of the seed-002 code that this notebook does **not** repeat: flags read from text (B1),
+# Defects of the authors' code that this notebook does **not** repeat: flags read from text (B1),
 # few-shot runs merging val into train (B2), adapters without gradients (B3), segmentation
 # selected by AUROC (B4), selection on test (B5), single few-shot draws (B6), a vertical
 # "horizontal" flip (B7) - each is guarded in medlib (see the module docstrings and `tests/`).
