@@ -76,15 +76,28 @@ def test_repeats_differ_and_are_reproducible(knee):
 def test_summary_t_and_percentile_intervals_known_values():
     scores = pd.DataFrame({"n": [4, 4, 4, "all"], "metric": "auroc", "value": [0.6, 0.7, 0.8, 0.9],
                            "n_train_images": [8, 8, 8, 50]})
-    t = summarize(scores).set_index("n")
+    t = summarize(scores, interval="t").set_index("n")
     half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)  # 4.303 * std 0.1 / sqrt(3)
     assert t.loc[4, "mean"] == pytest.approx(0.7) and t.loc[4, "std"] == pytest.approx(0.1)
     assert (t.loc[4, "ci_low"], t.loc[4, "ci_high"]) == pytest.approx((0.7 - half, 0.7 + half))
     assert t.loc["all", "repeats"] == 1 and np.isnan(t.loc["all", "ci_low"])
+    assert t.loc[4, "interval"] == "95 % t-interval over 3 repeats" and t.loc["all", "interval"] == "none (one repeat)"
     p = summarize(scores, interval="percentile", confidence=0.5).set_index("n")
     assert (p.loc[4, "ci_low"], p.loc[4, "ci_high"]) == pytest.approx((0.65, 0.75))
     with pytest.raises(ValueError, match="interval"):
-        summarize(scores, interval="bootstrap")
+        summarize(scores, interval="wald")
+
+
+def test_default_bootstrap_interval_stays_in_range_where_t_does_not():
+    # Two repeats near the top of a bounded metric: the t-interval (t = 12.7) leaves [0, 1], the default
+    # percentile bootstrap of the mean cannot (every resampled mean is a mean of observed values).
+    scores = pd.DataFrame({"n": [1, 1], "metric": "mean_dj", "value": [0.66, 0.95], "n_train_images": [1, 1]})
+    t = summarize(scores, interval="t").iloc[0]
+    assert t.ci_high > 1
+    b = summarize(scores).iloc[0]
+    assert 0.66 <= b.ci_low <= b["mean"] <= b.ci_high <= 0.95
+    assert b.ci_low < b.ci_high and "bootstrap" in b.interval
+    assert summarize(scores).equals(summarize(scores))  # seeded
 
 
 def test_paper_protocol_is_one_evenly_spaced_draw(ct):

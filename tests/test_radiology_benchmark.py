@@ -324,11 +324,24 @@ def test_segmentation_sets_are_patient_grouped_and_capped(seg_run):
 
 def test_segmentation_table_trains_every_head_and_the_scratch_unet(seg_run):
     _, _, seg = seg_run
-    table = seg.table
-    assert list(table["head"]) == [bm.SEG_HEADS["linear"], bm.SEG_HEADS["unet"], bm.SCRATCH]
+    assert list(seg.table["head"]) == [bm.PRIOR, bm.SEG_HEADS["linear"], bm.SEG_HEADS["unet"], bm.SCRATCH]
+    prior_row = seg.table.iloc[0]
+    assert prior_row["model"] == bm.PRIOR and prior_row["trainable"] == 0 and np.isnan(prior_row["lr"])
+    table = seg.table.iloc[1:]
     assert table[["test_dice", "test_jaccard", "test_mean_dj"]].stack().between(0, 1).all()
     np.testing.assert_allclose(table["test_mean_dj"], (table["test_dice"] + table["test_jaccard"]) / 2, atol=1e-9)
     assert (table["lr"] == 0.1).all()
+    # per-class Dice beside the macro, and the macro's bootstrap interval inside [0, 1] around it
+    for name in ("left_lung", "right_lung", "heart"):
+        assert seg.table[f"test_dice_{name}"].between(0, 1).all()
+    assert (seg.table["test_dice_ci_low"] <= seg.table["test_dice"]).all()
+    assert (seg.table["test_dice"] <= seg.table["test_dice_ci_high"]).all()
+    assert seg.table[["test_dice_ci_low", "test_dice_ci_high"]].stack().between(0, 1).all()
+    per_class = seg.per_class
+    assert set(per_class["class"]) == {"left_lung", "right_lung", "heart", "mean"}
+    assert set(per_class["model"]) == set(seg.table["model"])
+    prior_heart = per_class[(per_class["model"] == bm.PRIOR) & (per_class["class"] == "heart")].iloc[0]
+    assert prior_heart["dice"] == pytest.approx(prior_heart["prior_dice"])
     assert set(seg.models) == {("chest_xray", "rand", "linear"), ("chest_xray", "rand", "unet"),
                                ("chest_xray", "-", "scratch")}
     frozen = table.loc[table["backbone"] == "rand", "trainable"]
@@ -388,9 +401,11 @@ def test_summarize_repeats_known_values():
     long = pd.DataFrame({"model": "m", "n": [1, 1, 2], "n_images": [1, 1, 2], "score": [0.5, 0.7, 0.9]})
     out = bm.summarize_repeats(long, ["model"], "score").set_index("n")
     assert out.loc[1, "mean"] == pytest.approx(0.6) and out.loc[1, "repeats"] == 2
-    half = 12.706204736 * np.std([0.5, 0.7], ddof=1) / np.sqrt(2)  # t(0.975, df=1)
-    assert out.loc[1, "ci_high"] - 0.6 == pytest.approx(half, rel=1e-6)
-    assert np.isnan(out.loc[2, "ci_low"])
+    # percentile bootstrap of the mean over two repeats: resampled means are 0.5, 0.6 or 0.7, so the interval
+    # is [0.5, 0.7] - inside [0, 1], where the t-interval (t = 12.7) would be 0.6 +- 1.27
+    assert (out.loc[1, "ci_low"], out.loc[1, "ci_high"]) == pytest.approx((0.5, 0.7))
+    assert out.loc[1, "interval"] == "95 % percentile bootstrap of the mean over 2 repeats"
+    assert np.isnan(out.loc[2, "ci_low"]) and out.loc[2, "interval"] == "none (one repeat)"
     with pytest.raises(ValueError, match="lacks column"):
         bm.summarize_repeats(long, ["model"], "dice")
 

@@ -1,16 +1,18 @@
-"""Few-shot evaluation on cached features: seeded repeats with confidence intervals, or seed 002's single draw.
+"""Few-shot evaluation on cached features: seeded repeats with confidence intervals, or the authors' single draw.
 
 For each n in ``ns`` (e.g. 1, 2, 4, 8, 16, "all") the runner draws a training subset from the
-**train split only** - never from val or test (seed 002 defect B2: its few-shot runs merged
+**train split only** - never from val or test (defect B2 of the authors' code: its few-shot runs merged
 val into train) - fits a probe on it, scores the test split and records one row per metric.
 
 Protocols:
 
 - ``"repeats"`` (default): ``repeats`` seeded draws per n with
   :func:`medlib.data.splits.few_shot_indices` (n patients - or images - per class), then the
-  mean and a 95 % interval over the repeats (t-interval or percentile). A single draw, as in
-  seed 002's code, gives no idea of the spread (defect B6).
-- ``"paper"``: seed 002's one deterministic draw - n evenly spaced images of the train split
+  mean and a 95 % interval over the repeats (default: percentile bootstrap of the mean over the
+  repeats, which stays inside the metric's range; a t-interval over a handful of repeats does not,
+  e.g. t = 12.7 for two repeats). A single draw, as in
+  the authors' code, gives no idea of the spread (defect B6).
+- ``"paper"``: the authors' one deterministic draw - n evenly spaced images of the train split
   in total (:func:`medlib.data.splits.evenly_spaced_indices`) for ``unit="image"``, or one
   draw of n patients per class (NIH ChestX-ray14) for ``unit="patient"``; no interval.
 
@@ -18,7 +20,7 @@ A probe is any callable ``probe(train, val, test) -> test probabilities`` over
 :class:`~medlib.eval.features.FeatureSet` s; :func:`knn_probe`, :func:`mlknn_probe`,
 :func:`logistic_probe` and :func:`linear_probe_fn` build the usual ones. Probes that select
 hyper-parameters see the full validation split for *selection only* and are never refit on
-it (our assumption: seed 002 does not say how few-shot heads were tuned).
+it (our assumption: the authors' code does not say how few-shot heads were tuned).
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ from .mlknn import MLkNN
 
 Probe = Callable[[FeatureSet, "FeatureSet | None", FeatureSet], np.ndarray]
 PROTOCOLS = ("repeats", "paper")
-INTERVALS = ("t", "percentile")
+INTERVALS = ("bootstrap", "percentile", "t")
+#: Resamples of the percentile bootstrap over repeats (seeded, so summaries are reproducible).
+BOOTSTRAP_RESAMPLES = 2000
 
 
 # --------------------------------------------------------------------------- probes
 
 
 def knn_probe(k: int = 20, temperature: float = 0.07, mlknn_k: int | None = None, s: float = 1.0) -> Probe:
-    """kNN as seed 002 runs it: DINOv2's weighted vote for single-label tasks, ML-kNN for multi-label."""
+    """kNN as the authors' code runs it: DINOv2's weighted vote for single-label tasks, ML-kNN for multi-label."""
 
     def probe(train: FeatureSet, val: FeatureSet | None, test: FeatureSet) -> np.ndarray:
         """Test probabilities of the kNN classifier fitted on ``train``."""
@@ -126,7 +130,7 @@ def check_split(split: dict[str, np.ndarray], n_images: int) -> dict[str, np.nda
             shared = np.intersect1d(parts[a], parts[b])
             if shared.size:
                 raise ValueError(f"split parts {a!r} and {b!r} share {shared.size} image(s) (e.g. {shared[0]}); "
-                                 "few-shot training sets must come from train alone (seed 002 defect B2)")
+                                 "few-shot training sets must come from train alone (defect B2)")
     return parts
 
 
@@ -160,7 +164,7 @@ def _check_ns(ns: Sequence[Any]) -> list[Any]:
 
 def run_few_shot(ds: ImageSet, features: FeatureSet, split: dict[str, np.ndarray], probe: Probe, *,
                  ns: Sequence[Any] = (1, 2, 4, 8, 16, "all"), repeats: int = 5, seed: int = 0,
-                 unit: str = "patient", protocol: str = "repeats", interval: str = "t", confidence: float = 0.95,
+                 unit: str = "patient", protocol: str = "repeats", interval: str = "bootstrap", confidence: float = 0.95,
                  skip_impossible: bool = False, progress: bool = False) -> FewShotResult:
     """Few-shot scores of ``probe`` for every n (train drawn from ``split["train"]`` only) and their summary.
 
@@ -203,8 +207,14 @@ def run_few_shot(ds: ImageSet, features: FeatureSet, split: dict[str, np.ndarray
     return FewShotResult(scores, summarize(scores, interval, confidence), draws, protocol, skipped)
 
 
-def summarize(scores: pd.DataFrame, interval: str = "t", confidence: float = 0.95) -> pd.DataFrame:
-    """Mean, std and a ``confidence`` interval over repeats per (n, metric); NaN interval for one repeat."""
+def summarize(scores: pd.DataFrame, interval: str = "bootstrap", confidence: float = 0.95) -> pd.DataFrame:
+    """Mean, std and a ``confidence`` interval over repeats per (n, metric); NaN interval for one repeat.
+
+    ``interval``: ``"bootstrap"`` (percentile bootstrap of the mean over the repeats,
+    :data:`BOOTSTRAP_RESAMPLES` seeded resamples), ``"percentile"`` (percentiles of the repeats
+    themselves) or ``"t"`` (Student t; it can leave a bounded metric's range with few repeats). The
+    ``interval`` column says how each row's interval was made.
+    """
     if interval not in INTERVALS:
         raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
     if not 0 < confidence < 1:
@@ -215,30 +225,45 @@ def summarize(scores: pd.DataFrame, interval: str = "t", confidence: float = 0.9
     rows = []
     for (n, metric), group in scores.groupby(["n", "metric"], sort=False):
         values = group["value"].dropna().to_numpy(dtype=float)
+        n_images = group["n_train_images"].mean() if "n_train_images" in group else np.nan
         rows.append({"n": n, "metric": metric, "repeats": int(values.size), **_interval(values, interval, confidence),
-                     "n_train_images": float(group["n_train_images"].mean())})
+                     "n_train_images": float(n_images), "interval": interval_label(interval, confidence, values.size)})
     return pd.DataFrame(rows, columns=["n", "metric", "repeats", "mean", "std", "ci_low", "ci_high",
-                                       "n_train_images"])
+                                       "n_train_images", "interval"])
+
+
+def interval_label(kind: str, confidence: float, repeats: int) -> str:
+    """How an interval over ``repeats`` repeats was made, in words (``"none (one repeat)"`` below two)."""
+    if repeats < 2:
+        return "none (one repeat)"
+    pct = f"{100 * confidence:g} %"
+    return {"bootstrap": f"{pct} percentile bootstrap of the mean over {repeats} repeats",
+            "percentile": f"{pct} percentiles of {repeats} repeats",
+            "t": f"{pct} t-interval over {repeats} repeats"}[kind]
 
 
 def _interval(values: np.ndarray, kind: str, confidence: float) -> dict[str, float]:
-    """Mean, sample std and the t (or percentile) interval of ``values``."""
+    """Mean, sample std and the bootstrap / percentile / t interval of ``values``."""
     if values.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
     mean = float(values.mean())
     if values.size < 2:
         return {"mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
     std = float(values.std(ddof=1))
+    tail = 100 * (1 - confidence) / 2
     if kind == "t":
         half = float(stats.t.ppf((1 + confidence) / 2, df=values.size - 1)) * std / np.sqrt(values.size)
         low, high = mean - half, mean + half
+    elif kind == "bootstrap":
+        rng = np.random.default_rng(0)
+        means = values[rng.integers(0, values.size, (BOOTSTRAP_RESAMPLES, values.size))].mean(axis=1)
+        low, high = (float(v) for v in np.percentile(means, [tail, 100 - tail]))
     else:
-        tail = 100 * (1 - confidence) / 2
         low, high = (float(v) for v in np.percentile(values, [tail, 100 - tail]))
-    return {"mean": mean, "std": std, "ci_low": low, "ci_high": high}
+    return {"mean": mean, "std": std, "ci_low": min(low, mean), "ci_high": max(high, mean)}
 
 
 __all__ = [
     "FewShotResult", "Probe", "check_split", "knn_probe", "linear_probe_fn", "logistic_probe", "mlknn_probe",
-    "run_few_shot", "summarize",
+    "run_few_shot", "summarize", "interval_label",
 ]

@@ -1,8 +1,8 @@
-"""Linear probes on cached features: DINOv2's grid of heads (seed 002) and the logistic-regression probe.
+"""Linear probes on cached features: DINOv2's grid of heads (the authors' code) and the logistic-regression probe.
 
 **Linear-probe grid** (:func:`linear_probe`). Every head of the grid - input = CLS tokens of
 the last ``n`` blocks (n in {1, 4}) concatenated, optionally with the average-pooled patch
-tokens (avgpool False / True), times the learning rates {1e-3, 5e-3, 1e-2, 5e-2} (seed 002:
+tokens (avgpool False / True), times the learning rates {1e-3, 5e-3, 1e-2, 5e-2} (the authors' code:
 not batch-scaled) - is trained *at once*, in one pass over the features, as DINOv2's
 ``AllClassifiers``: one module holds the heads, each batch feeds all of them, and their
 losses are summed (the heads share no parameter, so each learns exactly as it would alone).
@@ -236,7 +236,7 @@ def _check_inputs(train: FeatureSet, val: FeatureSet | None, test: FeatureSet | 
 def _check_val(val: FeatureSet | None, probe: str) -> None:
     if val is None:
         raise ValueError(f"{probe} needs a validation set to choose its configuration; it never selects on the "
-                         "test set (seed 002 defect B5). Carve one out of train, e.g. with "
+                         "test set (defect B5). Carve one out of train, e.g. with "
                          "medlib.data.splits.patient_split(ds, (0.7, 0.1, 0.2)).")
 
 
@@ -263,10 +263,10 @@ def linear_probe(train: FeatureSet, val: FeatureSet | None, test: FeatureSet | N
                  avgpool: Sequence[bool] = (False, True), batch_size: int = 128,
                  iterations_per_epoch: int | None = None, select_on: str = "auroc", refit: bool = True,
                  seed: int = 0, device: str = "auto") -> ProbeResult:
-    """Seed 002's linear-probe grid: all heads trained at once, best chosen on val, refit on train+val, tested once.
+    """The authors' linear-probe grid: all heads trained at once, best chosen on val, refit on train+val, tested once.
 
     ``lrs`` / ``epochs`` default to the profile's ``eval.probe_lrs`` / ``eval.probe_epochs``
-    (without a profile: seed 002's four rates and 10 epochs). ``iterations_per_epoch=None``
+    (without a profile: the authors' four rates and 10 epochs). ``iterations_per_epoch=None``
     means one pass over the training features per epoch (DINOv2 itself used 1250).
     ``refit=False`` tests the chosen grid head as trained on train alone (few-shot runs: the
     validation images must never be trained on).

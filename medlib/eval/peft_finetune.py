@@ -1,17 +1,17 @@
-"""Seed 002's fine-tuning modes on one backbone: full, LoRA, BitFit and a frozen linear head.
+"""The authors' fine-tuning modes on one backbone: full, LoRA, BitFit and a frozen linear head.
 
 :func:`finetune_backbone` builds ``Classifier(backbone, LinearHead)`` on the CLS token, makes
 the right parameters trainable (:mod:`medlib.models.adapters`), trains with the shared loop
 :func:`medlib.eval.finetune.train_classifier` (epoch chosen on val, never on test), tests once
 and reports the trainable-parameter share (the paper: under 1 % for LoRA / BitFit).
 
-Learning rates: full fine-tuning uses seed 002's backbone lr 1e-5. The paper gives none for
+Learning rates: full fine-tuning uses the authors' backbone lr 1e-5. The paper gives none for
 LoRA and BitFit; **our assumption** is 1e-4 for the adapter / bias parameters (their usual
 range, larger than full fine-tuning because far fewer parameters move) and 1e-3 for the
 linear head in every mode. A config's explicit ``backbone_lr`` wins, except in ``"linear"``
 mode, whose backbone is always frozen.
 
-Defects of seed 002's code guarded here: B1 - a flag read from text with ``bool("False")``
+Defects of the authors' code guarded here: B1 - a flag read from text with ``bool("False")``
 is True and switched fine-tuning on; :func:`parse_bool` and :func:`config_from_text` read
 "False" as False and raise on anything unclear. B3 - the backbone ran under ``no_grad``, so
 LoRA / BitFit parameters never learned; here the backbone runs with gradients (tested).
@@ -40,9 +40,9 @@ from .finetune import Classifier, FinetuneConfig, predict, train_classifier
 from .metrics import auroc_per_label, classification_metrics, multiclass_auroc_per_class
 
 MODES = ("full", "lora", "bitfit", "linear")
-#: backbone learning rate per mode: full from seed 002; lora / bitfit our assumption; linear frozen.
+#: backbone learning rate per mode: full from the authors' code; lora / bitfit our assumption; linear frozen.
 DEFAULT_BACKBONE_LR = {"full": 1e-5, "lora": 1e-4, "bitfit": 1e-4, "linear": 0.0}
-DEFAULT_HEAD_LR = 1e-3  # our assumption (seed 002 does not give the head's rate)
+DEFAULT_HEAD_LR = 1e-3  # our assumption (the authors' code does not give the head's rate)
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
@@ -64,7 +64,7 @@ def parse_bool(value: Any, name: str = "value") -> bool:
         if text in _FALSE:
             return False
     raise ValueError(f"{name}={value!r} is not a boolean; write true/false, yes/no, on/off or 1/0 "
-                     "(never rely on bool(text): bool('False') is True - seed 002 defect B1)")
+                     "(never rely on bool(text): bool('False') is True - the authors' code defect B1)")
 
 
 def mode_from_flags(finetune: Any = False, lora: Any = False, bitfit: Any = False) -> str:
@@ -127,12 +127,12 @@ def config_from_text(settings: Mapping[str, Any]) -> tuple[str, FinetuneConfig]:
 
 
 def train_transform(size: int) -> ClassificationTransform:
-    """Seed 002's training augmentation: RandomResizedCrop(size, scale 0.75..1) and a horizontal (width) flip."""
+    """The authors' training augmentation: RandomResizedCrop(size, scale 0.75..1) and a horizontal (width) flip."""
     return ClassificationTransform(size, train=True, scale=(0.75, 1.0), hflip=True, vflip=False)
 
 
 def eval_transform(size: int) -> ClassificationTransform:
-    """Seed 002's evaluation transform: resize, centre crop, per-image min-max, ImageNet mean / std."""
+    """The authors' evaluation transform: resize, centre crop, per-image min-max, ImageNet mean / std."""
     return ClassificationTransform(size, train=False)
 
 

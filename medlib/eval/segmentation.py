@@ -21,9 +21,9 @@ Conventions (each one a choice, stated once here):
   :func:`evaluate_segmenter` scores each image at the data set's own resolution (logits resized
   bilinearly) and data-set values are means over images (:func:`summarize`).
 - Selection (:func:`train_segmenter`): the epoch with the best mean validation Dice is restored at
-  the end. Never AUROC (seed 002's segmentation default, defect B4) and never the test set (B5).
+  the end. Never AUROC (the authors' segmentation default, defect B4) and never the test set (B5).
 - Optimisation: SGD (momentum 0.9) or AdamW, cosine decay of the learning rate to 0 per step, no
-  warm-up (seed 002: SGD + cosine, lr grid 1e-4 .. 1e-1, :func:`lr_grid`).
+  warm-up (the authors' code: SGD + cosine, lr grid 1e-4 .. 1e-1, :func:`lr_grid`).
 - Frozen backbones (no trainable backbone parameter: :func:`frozen_linear`, :func:`frozen_unet`): the
   backbone runs in eval mode under ``no_grad`` and only the head trains. Without augmentation its
   block grids do not change between epochs, so they are computed once per data set and reused by
@@ -62,7 +62,7 @@ OPTIMIZERS = ("sgd", "adamw")
 #: assumption); "dice_ce" = that + cross-entropy (MONAI DiceCELoss); "dice_fg" = soft Dice over the
 #: foreground classes only (the background then gets no direct gradient; see :func:`segmentation_loss`).
 LOSSES = ("dice", "dice_ce", "dice_fg")
-#: Seed 002's learning-rate grid for the segmentation heads (1e-4 .. 1e-1).
+#: The authors' learning-rate grid for the segmentation heads (1e-4 .. 1e-1).
 LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 FEW_SHOT_NS = (1, 2, 4, 8, 16, "all")
 
@@ -184,7 +184,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, loss: str = "d
 
 
 class DiceLoss(nn.Module):
-    """:func:`soft_dice_loss` as a module (seed 002's segmentation loss)."""
+    """:func:`soft_dice_loss` as a module (the authors' segmentation loss)."""
 
     def __init__(self, exclude_background: bool = True, smooth: float = 1e-5) -> None:
         super().__init__()
@@ -209,14 +209,14 @@ def grid_channels(backbone: Backbone, n: int) -> list[int]:
 
 
 def frozen_linear(backbone: Backbone, n_classes: int) -> SegmentationModel:
-    """Seed 002's linear head (1x1 conv on the last block's grid, bilinear upsampling) on a frozen backbone."""
+    """The authors' linear head (1x1 conv on the last block's grid, bilinear upsampling) on a frozen backbone."""
     _check_n_classes(n_classes, True, "frozen_linear")
     freeze(backbone).eval()
     return SegmentationModel(backbone, LinearSegHead(grid_channels(backbone, 1)[0], int(n_classes)))
 
 
 def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | None = None) -> SegmentationModel:
-    """Seed 002's U-Net-style decoder on the last 5 blocks of a frozen backbone."""
+    """The authors' U-Net-style decoder on the last 5 blocks of a frozen backbone."""
     _check_n_classes(n_classes, True, "frozen_unet")
     need = UNetDecoder.n_grids
     if backbone.depth < need:
@@ -742,12 +742,12 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
                           **train_kwargs: Any) -> pd.DataFrame:
     """Test Dice / Jaccard when training on n images drawn from ``train`` only, ``repeats`` seeded draws each.
 
-    ``sampling="random"``: each (n, repeat) draws its own n images; ``"evenly_spaced"``: seed 002's
+    ``sampling="random"``: each (n, repeat) draws its own n images; ``"evenly_spaced"``: the authors'
     single deterministic draw (repeats then differ only in initialisation). Model initialisation
     and batch order depend on (seed, repeat) only, so curves over n are paired. The epoch is
     selected on the whole ``val`` set, which is never merged into training (defect B2). Returns a
     long table: model, n, n_images, repeat, dice, jaccard, mean_dj (test means over images),
-    val_dice, best_epoch.
+    val_dice, best_epoch and one ``dice_<class>`` per foreground class.
     """
     if sampling not in ("random", "evenly_spaced"):
         raise ValueError(f"sampling must be 'random' or 'evenly_spaced', got {sampling!r}.")
@@ -768,7 +768,8 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
             records.append({"model": model_name, "n": n, "n_images": int(len(rows)), "repeat": repeat,
                             "dice": _nanmean(per_image["dice"]), "jaccard": _nanmean(per_image["jaccard"]),
                             "mean_dj": _nanmean(per_image["mean_dj"]), "val_dice": result.best_val_dice,
-                            "best_epoch": result.best_epoch})
+                            "best_epoch": result.best_epoch,
+                            **{c: _nanmean(per_image[c]) for c in per_image.columns if c.startswith("dice_")}})
     return pd.DataFrame.from_records(records)
 
 

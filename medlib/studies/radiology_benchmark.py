@@ -1,4 +1,4 @@
-"""Study 1 (seed 002, Baharoon et al.): runners that loop over backbones x data sets and return tidy tables.
+"""Study 1 (Baharoon et al. 2023, arXiv 2312.02366): runners that loop over backbones x data sets and return tidy tables.
 
 Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to this module:
 
@@ -10,7 +10,7 @@ Notebook ``01_dinov2_radiology_benchmark`` stays a sequence of short calls to th
 - frozen-feature evaluations: :func:`knn_table` (weighted vote, ML-kNN for multi-label),
   :func:`probe_table` (the linear-probe grid and logistic regression, chosen on val, refit on
   train + val, tested once), :func:`few_shot_table` (seeded repeats with 95 % intervals and
-  seed 002's single deterministic draw);
+  the authors' single deterministic draw);
 - fine-tuning: :func:`peft_table` (full / LoRA / BitFit / linear) and
   :func:`parameter_share_table` (trainable share of LoRA and BitFit, counted on any timm
   architecture without building its weights);
@@ -45,6 +45,8 @@ from ..data.imageset import ImageSet
 from ..data.sources import load_source
 from ..data.splits import evenly_spaced_indices, patient_split
 from ..engine import equal_step_epochs
+from ..eval.claims import claim, claims_frame, sanity_flags
+from ..eval.stats import bootstrap_ci
 from ..models.adapters import LORA_DEFAULT_TARGETS, apply_bitfit, apply_lora, trainable_parameter_report
 from ..models.backbones import Backbone, WeightsNotFoundError, create_backbone, get_spec, load_model_card
 from ..models.health import draw_gains_text
@@ -70,13 +72,13 @@ class BenchmarkDataset:
     family: str  # phantom family
     params: Mapping[str, Any]  # make_dataset keyword arguments (site, target)
     source_key: str | None  # key of profile.data.sources that replaces the phantom (paper profile)
-    stands_in_for: str  # the real benchmark(s) of seed 002 (or seed 001) it mimics
+    stands_in_for: str  # the real benchmark(s) of the paper it mimics
 
 
 STUDY1_DATASETS: Mapping[str, BenchmarkDataset] = {
     "chest_xray": BenchmarkDataset("cxr", {"site": 0}, "cxr_multilabel", "NIH ChestX-ray14 / CheXpert (multi-label)"),
     "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)"),
-    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like, seed 001)"),
+    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like)"),
     "breast_us": BenchmarkDataset("breast_us", {}, "breast_us", "breast ultrasound, benign vs malignant"),
 }
 
@@ -219,7 +221,7 @@ def _accuracy(task: str, y: np.ndarray, proba: np.ndarray) -> float:
 
 def knn_scores(train: FeatureSet, query: FeatureSet, k: int, temperature: float = 0.07, s: float = 1.0
                ) -> tuple[np.ndarray, str, int]:
-    """Seed 002's kNN: ML-kNN (cosine, smoothing s) for multi-label, DINOv2's weighted vote otherwise.
+    """The authors' kNN: ML-kNN (cosine, smoothing s) for multi-label, DINOv2's weighted vote otherwise.
 
     Returns the query probabilities (binary: the positive column only), the method's name
     and the k actually used (ML-kNN caps k at n_train - 1, the vote at n_train).
@@ -234,14 +236,35 @@ def knn_scores(train: FeatureSet, query: FeatureSet, k: int, temperature: float 
     return (proba[:, 1:] if train.task == "binary" else proba), "weighted vote", min(k, len(train))
 
 
+AUROC_INTERVAL = "95 % percentile bootstrap over test images"
+
+
+def auroc_interval(task: str, y_true: np.ndarray, proba: np.ndarray, n_resamples: int = 1000, seed: int = 0
+                   ) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the macro test AUROC over test images (inside [0, 1] by construction).
+
+    Multi-class labels are one-hot coded, so the macro is one-vs-rest over classes as in
+    :func:`medlib.eval.metrics.multiclass_auroc`; a resample where a label has one class only
+    leaves that label out of that resample's macro.
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(proba, dtype=float)
+    if task == "multiclass":
+        y = np.eye(s.shape[1])[y.astype(np.int64).ravel()]
+    ci = bootstrap_ci(y, s, "auroc", n_resamples=max(int(n_resamples), 10), seed=seed)
+    return float(ci.low), float(ci.high)
+
+
 def knn_table(features: Mapping[tuple[str, str], FeatureSet], splits: Mapping[str, Mapping[str, np.ndarray]],
-              ks: Sequence[int], temperature: float = 0.07, s: float = 1.0) -> pd.DataFrame:
+              ks: Sequence[int], temperature: float = 0.07, s: float = 1.0, n_resamples: int = 1000,
+              seed: int = 0) -> pd.DataFrame:
     """kNN on the train split for every (backbone, data set, k): val and test macro AUROC, k chosen on val.
 
-    Columns: backbone, dataset, task, method, k, k_used, val_auroc, test_auroc, test_accuracy
-    (single-label tasks), selected (the k with the best val AUROC of that pair; test never chooses).
+    Columns: backbone, dataset, task, method, k, k_used, val_auroc, test_auroc, test_auroc_ci_low /
+    test_auroc_ci_high (:func:`auroc_interval`, on the selected rows), test_accuracy (single-label
+    tasks), selected (the k with the best val AUROC of that pair; test never chooses), interval.
     """
-    rows = []
+    rows, probas = [], []
     for (backbone, dataset), fs in features.items():
         train, val, test = _parts(fs, splits[dataset])
         for k in ks:
@@ -252,8 +275,14 @@ def knn_table(features: Mapping[tuple[str, str], FeatureSet], splits: Mapping[st
                          "val_auroc": classification_metrics(fs.task, np.asarray(val.labels), val_proba)["auroc"],
                          "test_auroc": classification_metrics(fs.task, np.asarray(test.labels), test_proba)["auroc"],
                          "test_accuracy": _accuracy(fs.task, np.asarray(test.labels), test_proba)})
-    table = pd.DataFrame(rows)
-    return _mark_selected(table, ["backbone", "dataset"], "val_auroc")
+            probas.append((fs.task, np.asarray(test.labels), test_proba))
+    table = _mark_selected(pd.DataFrame(rows), ["backbone", "dataset"], "val_auroc")
+    table["test_auroc_ci_low"], table["test_auroc_ci_high"], table["interval"] = np.nan, np.nan, ""
+    for i in np.flatnonzero(table["selected"].to_numpy()):
+        low, high = auroc_interval(*probas[i], n_resamples=n_resamples, seed=seed)
+        table.loc[table.index[i], ["test_auroc_ci_low", "test_auroc_ci_high", "interval"]] = [low, high,
+                                                                                                 AUROC_INTERVAL]
+    return table
 
 
 def _mark_selected(table: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
@@ -291,9 +320,12 @@ def probe_table(features: Mapping[tuple[str, str], FeatureSet], splits: Mapping[
             result = run()
             chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.chosen.items())
             best = result.grid.loc[result.grid[list(result.chosen)].eq(pd.Series(result.chosen)).all(axis=1)]
+            low, high = (auroc_interval(fs.task, np.asarray(test.labels), result.test_proba, p.eval.bootstrap, p.seed)
+                         if result.test_proba is not None else (float("nan"), float("nan")))
             rows.append({"backbone": backbone, "dataset": dataset, "task": fs.task, "probe": probe, "chosen": chosen,
                          "val_auroc": float(best["val_auroc"].iloc[0]) if len(best) else float("nan"),
                          "test_auroc": result.test_metrics.get("auroc", float("nan")),
+                         "test_auroc_ci_low": low, "test_auroc_ci_high": high, "interval": AUROC_INTERVAL,
                          "test_accuracy": result.test_metrics.get("accuracy", float("nan")),
                          "n_train": len(train), "n_val": len(val), "n_test": len(test),
                          "seconds": time.perf_counter() - start})
@@ -313,7 +345,7 @@ class FewShotTables:
 
 
 def few_shot_probe(kind: str, profile: Profile | str, device: str = "auto") -> fewshot.Probe:
-    """The few-shot probe named ``kind``: "linear" (seed 002's grid), "logistic" or "knn", sized by the profile."""
+    """The few-shot probe named ``kind``: "linear" (the authors' grid), "logistic" or "knn", sized by the profile."""
     p = get_profile(profile)
     if kind == "linear":
         return fewshot.linear_probe_fn(profile=p, seed=p.seed, device=device)
@@ -335,7 +367,7 @@ def few_shot_table(ds: ImageSet, features: Mapping[str, FeatureSet], split: Mapp
     """Few-shot test AUROC of every backbone (``features``: backbone -> FeatureSet of ``ds``), n = profile's + "all".
 
     ``"repeats"``: ``eval.few_shot_repeats`` seeded draws per n, mean and 95 % t-interval;
-    ``"paper"``: seed 002's single deterministic draw. Training images come from the train
+    ``"paper"``: the authors' single deterministic draw. Training images come from the train
     split only; an n that a class cannot supply is skipped and listed in ``skipped``.
     """
     p = get_profile(profile)
@@ -365,7 +397,7 @@ def _published(rows: Mapping[str, Sequence[float]]) -> pd.DataFrame:
                          for n, v in zip(ns, values)])
 
 
-#: Seed 002, few-shot NIH ChestX-ray14 linear probe, macro AUROC; n = patients per class (authors' figure data).
+#: Baharoon et al. 2023, few-shot NIH ChestX-ray14 linear probe, macro AUROC; n = patients per class (authors' figure data).
 PUBLISHED_FEW_SHOT_NIH = _published({
     "DINOv2 ViT-L/14": (0.502, 0.528, 0.519, 0.584, 0.601, 0.763),
     "ViT-L/16 IN-21k": (0.520, 0.536, 0.548, 0.582, 0.586, 0.752),
@@ -374,7 +406,7 @@ PUBLISHED_FEW_SHOT_NIH = _published({
     "VGG-19 IN-1k": (0.505, 0.519, 0.521, 0.557, 0.572, 0.696),
 })
 
-#: Seed 002, few-shot Montgomery lung segmentation, mean of Dice and Jaccard; n = training images.
+#: Baharoon et al. 2023, few-shot Montgomery lung segmentation, mean of Dice and Jaccard; n = training images.
 PUBLISHED_SEG_MONTGOMERY = _published({
     "DINOv2 ViT-L/14 (frozen)": (0.929, 0.941, 0.962, 0.961, 0.961, 0.974),
     "U-Net (from scratch)": (0.583, 0.788, 0.893, 0.941, 0.960, 0.973),
@@ -424,6 +456,7 @@ def few_shot_vs_paper(summary: pd.DataFrame, profile: Profile | str, protocol: s
     merged.insert(0, "backbone", ours["backbone"].to_numpy())
     merged["relation"] = ours["relation"].to_numpy()
     merged["ci_low"], merged["ci_high"] = ours["ci_low"].to_numpy(), ours["ci_high"].to_numpy()
+    merged["interval"] = ours["interval"].to_numpy() if "interval" in ours else ""
     return merged.rename(columns={"model": "published_model", "ours": "ours_mean"})
 
 
@@ -454,7 +487,7 @@ def peft_table(backbones: Mapping[str, Backbone], ds: ImageSet, split: Mapping[s
     The train split is capped at ``eval.peft_train_images``; LoRA on a CNN is listed as not
     applicable. Columns: backbone, dataset, mode, test_auroc, trainable, total, trainable_pct
     (of the whole classifier, head included), backbone_trainable_pct, best_epoch, n_train,
-    seconds, note.
+    seconds, note, test_auroc_ci_low / test_auroc_ci_high (:func:`auroc_interval`) and interval.
     """
     p = get_profile(profile)
     split = cap_train(split, p.eval.peft_train_images)
@@ -469,7 +502,10 @@ def peft_table(backbones: Mapping[str, Backbone], ds: ImageSet, split: Mapping[s
             result = finetune_backbone(backbone, mode, train, val, test, default_config(mode, p), seed=p.seed,
                                        device=device, progress=progress)
             results[(name, mode)] = result
-            rows.append({**base, "test_auroc": result.test_metrics["auroc"],
+            low, high = auroc_interval(test.task, np.asarray(test.labels), result.test_proba, p.eval.bootstrap,
+                                       p.seed)
+            rows.append({**base, "test_auroc": result.test_metrics["auroc"], "test_auroc_ci_low": low,
+                         "test_auroc_ci_high": high, "interval": AUROC_INTERVAL,
                          "trainable": int(result.parameters["trainable"]), "total": int(result.parameters["total"]),
                          "trainable_pct": 100 * result.parameters["share"],
                          "backbone_trainable_pct": 100 * result.backbone_parameters["share"],
@@ -561,11 +597,48 @@ def _train_kwargs(p: Profile, device: str) -> dict[str, Any]:
 
 @dataclass
 class SegTables:
-    """Segmentation results: one row per (data set, model), the trained models and the lr grids."""
+    """Segmentation results: one row per (data set, model), per-class Dice, the trained models and the lr grids."""
 
     table: pd.DataFrame
     models: dict[tuple[str, str, str], nn.Module] = field(default_factory=dict)  # (dataset, backbone, head)
     lr_tables: dict[tuple[str, str, str], pd.DataFrame] = field(default_factory=dict)
+    per_class: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+PRIOR = "image-blind prior"
+MEAN_INTERVAL = "95 % percentile bootstrap over test images"
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, n_resamples: int = 1000, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """Mean of the non-NaN ``values`` and its 95 % percentile-bootstrap interval (NaN interval below two values).
+
+    Used for per-image Dice: every resampled mean is a mean of values in [0, 1], so the interval stays there.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, (max(int(n_resamples), 10), v.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, min(float(low), mean), max(float(high), mean)
+
+
+def _per_class_rows(per_image: pd.DataFrame, prior: pd.DataFrame, dataset: str, model: str, n_resamples: int,
+                    seed: int) -> list[dict[str, Any]]:
+    """One row per foreground class (and "mean" = macro): test Dice, its interval and the prior's Dice."""
+    classes = [c[len("dice_"):] for c in per_image.columns if c.startswith("dice_")]
+    rows = []
+    for name, column in [*[(c, f"dice_{c}") for c in classes], ("mean", "dice")]:
+        mean, low, high = mean_interval(per_image[column], n_resamples, seed)
+        rows.append({"dataset": dataset, "model": model, "class": name, "dice": mean, "ci_low": low, "ci_high": high,
+                     "prior_dice": float(np.nanmean(prior[column])) if prior[column].notna().any() else float("nan"),
+                     "images": int(per_image[column].notna().sum()), "interval": MEAN_INTERVAL})
+    return rows
 
 
 def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
@@ -573,31 +646,49 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
                        device: str = "auto") -> SegTables:
     """Train every head on every backbone (+ a U-Net from scratch) on the whole train split; lr and epoch chosen on val.
 
-    Columns: dataset, backbone, head, model, lr, best_epoch, val_dice, test_dice,
-    test_jaccard, test_mean_dj (macro over foreground classes, mean over test images),
-    trainable, seconds.
+    ``table`` columns: dataset, backbone, head, model, lr, best_epoch, val_dice, test_dice (with
+    test_dice_ci_low / test_dice_ci_high, :func:`mean_interval` over test images), test_jaccard,
+    test_mean_dj (macro over foreground classes, mean over test images), one ``test_dice_<class>``
+    per class, trainable, seconds; plus one row for the :data:`PRIOR` (the per-pixel majority class
+    of the training masks, :func:`medlib.eval.segmentation.evaluate_prior`) per data set.
+    ``per_class`` is the long form: dataset, model, class (and "mean"), dice, ci_low, ci_high,
+    prior_dice, images (test images where the class is scored), interval.
     """
     p = get_profile(profile)
     kwargs = _train_kwargs(p, device)
-    rows, models, lr_tables = [], {}, {}
+    rows, models, lr_tables, per_class = [], {}, {}, []
     for dataset, parts in seg_sets.items():
         n_classes = len(parts["train"].mask_names) + 1
-        for name, head, backbone in _seg_jobs(backbones, heads, scratch):
+        prior_images = segmentation.evaluate_prior(parts["train"], parts["test"])
+        jobs: list[tuple[str, str, Backbone | None]] = [("-", "prior", None),
+                                                        *_seg_jobs(backbones, heads, scratch)]
+        for name, head, backbone in jobs:
             start = time.perf_counter()
-            best, lrs = segmentation.lr_grid(_seg_factory(head, backbone, n_classes), parts["train"], parts["val"],
-                                             p.eval.seg_lrs, seed=p.seed, **kwargs)
-            test = segmentation.summarize(segmentation.evaluate_segmenter(best.model, parts["test"],
-                                                                          kwargs["image_size"], device))
-            key = (dataset, name, head)
-            models[key], lr_tables[key] = best.model, lrs
-            rows.append({"dataset": dataset, "backbone": name, "head": SEG_HEADS.get(head, SCRATCH),
-                         "model": seg_model_label(name, head), "lr": float(lrs.loc[lrs["selected"], "lr"].iloc[0]),
-                         "best_epoch": best.best_epoch, "val_dice": best.best_val_dice,
-                         "test_dice": float(test["dice"]), "test_jaccard": float(test["jaccard"]),
-                         "test_mean_dj": float(test["mean_dj"]),
-                         "trainable": int(sum(q.numel() for q in best.model.parameters() if q.requires_grad)),
-                         "seconds": time.perf_counter() - start})
-    return SegTables(pd.DataFrame(rows), models, lr_tables)
+            if head == "prior":
+                per_image, best, lrs = prior_images, None, None
+            else:
+                best, lrs = segmentation.lr_grid(_seg_factory(head, backbone, n_classes), parts["train"],
+                                                 parts["val"], p.eval.seg_lrs, seed=p.seed, **kwargs)
+                per_image = segmentation.evaluate_segmenter(best.model, parts["test"], kwargs["image_size"], device)
+            test = segmentation.summarize(per_image)
+            label = PRIOR if head == "prior" else seg_model_label(name, head)
+            mean, low, high = mean_interval(per_image["dice"], p.eval.bootstrap, p.seed)
+            row = {"dataset": dataset, "backbone": name, "head": PRIOR if head == "prior" else SEG_HEADS.get(head, SCRATCH),
+                   "model": label, "lr": float(lrs.loc[lrs["selected"], "lr"].iloc[0]) if lrs is not None else np.nan,
+                   "best_epoch": best.best_epoch if best is not None else np.nan,
+                   "val_dice": best.best_val_dice if best is not None else np.nan,
+                   "test_dice": float(test["dice"]), "test_dice_ci_low": low, "test_dice_ci_high": high,
+                   "test_jaccard": float(test["jaccard"]), "test_mean_dj": float(test["mean_dj"]),
+                   **{f"test_{c}": float(test[c]) for c in test.index if c.startswith("dice_")},
+                   "trainable": int(sum(q.numel() for q in best.model.parameters() if q.requires_grad))
+                   if best is not None else 0,
+                   "seconds": time.perf_counter() - start, "interval": MEAN_INTERVAL}
+            rows.append(row)
+            per_class += _per_class_rows(per_image, prior_images, dataset, label, p.eval.bootstrap, p.seed)
+            if best is not None:
+                key = (dataset, name, head)
+                models[key], lr_tables[key] = best.model, lrs
+    return SegTables(pd.DataFrame(rows), models, lr_tables, pd.DataFrame(per_class))
 
 
 def seg_model_label(backbone: str, head: str) -> str:
@@ -653,7 +744,11 @@ def _chosen_lr(lrs: pd.DataFrame | None, dataset: str, model: str, default: floa
 
 def summarize_repeats(long: pd.DataFrame, by: Sequence[str], value: str, n_column: str = "n_images"
                       ) -> pd.DataFrame:
-    """Mean, std and 95 % t-interval of ``value`` over repeats, per ``by`` groups and n (few-shot curves)."""
+    """Mean, std and 95 % interval of ``value`` over repeats, per ``by`` groups and n (few-shot curves).
+
+    The interval is :func:`medlib.eval.fewshot.summarize`'s default, a percentile bootstrap of the mean over
+    the repeats (inside the metric's range; the ``interval`` column says so).
+    """
     missing = [c for c in [*by, "n", value] if c not in long.columns]
     if missing:
         raise ValueError(f"summarize_repeats: the table lacks column(s) {missing}")
@@ -691,6 +786,7 @@ def segmentation_vs_paper(summary: pd.DataFrame, profile: Profile | str, backbon
     merged = paper_vs_ours(ours, published, on=["published_model", "n"], value="value", profile=profile)
     merged.insert(0, "model", ours["model"].to_numpy())
     merged["ci_low"], merged["ci_high"] = ours["ci_low"].to_numpy(), ours["ci_high"].to_numpy()
+    merged["interval"] = ours["interval"].to_numpy() if "interval" in ours else ""
     return merged.rename(columns={"ours": "ours_mean"})
 
 
@@ -767,7 +863,7 @@ def plot_few_shot(summary: pd.DataFrame, title: str, metric: str = "auroc", publ
     if published is not None:
         for model, group in published.groupby("model", sort=False):
             axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=model)
-        axes[0, 1].set(title="Published (seed 002, NIH ChestX-ray14)", xlabel="patients per class",
+        axes[0, 1].set(title="Published (Baharoon et al. 2023, NIH ChestX-ray14)", xlabel="patients per class",
                        ylabel="macro AUROC", xticks=range(len(order)), xticklabels=[str(n) for n in order])
         axes[0, 1].legend(fontsize=7)
     return fig
@@ -840,6 +936,223 @@ def plot_seg_overlays(models: Mapping[str, nn.Module], ds: ImageSet, image_size:
     return fig
 
 
+# --------------------------------------------------------------------------- claims and sanity flags
+
+STUDY = "01"
+#: Equivalence margins of the "similar" / "close" / "gap closes" claims, fixed in code before any result was
+#: read (our assumption; the paper gives none): 0.05 AUROC, 0.05 Dice (or mean of Dice and Jaccard).
+AUROC_MARGIN = 0.05
+DICE_MARGIN = 0.05
+#: The paper's bound on the adapters' trainable share (percent of the model's parameters).
+PEFT_SHARE_BOUND = 1.0
+END_TO_END = ("difference of the two arms' 95 % intervals taken end to end (low - high, high - low), "
+              "a conservative interval for a difference of independent estimates")
+
+
+def backbone_arm(backbone: str) -> str:
+    """"ssl" (stands in for DINOv2), "random" (random initialisation), "supervised" (a supervised counterpart)
+    or "other", from :func:`published_counterpart` and the backbone's name."""
+    if backbone.startswith("random-"):
+        return "random"
+    model, relation = published_counterpart(backbone)
+    if model is None:
+        return "other"
+    return "ssl" if model.startswith("DINOv2") else "supervised"
+
+
+def _diff(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, tuple[float, float]]:
+    """a - b with the end-to-end interval [a.low - b.high, a.high - b.low] (estimate kept inside it)."""
+    est = float(a["score"]) - float(b["score"])
+    low, high = float(a["ci_low"]) - float(b["ci_high"]), float(a["ci_high"]) - float(b["ci_low"])
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return est, (float("nan"), float("nan"))
+    return est, (min(low, est), max(high, est))
+
+
+def _mean_diff(pairs: Sequence[tuple[float, tuple[float, float]]]) -> tuple[float | None, tuple[float, float]]:
+    """Mean of differences and the mean of their interval ends (each end averaged over the pairs)."""
+    if not pairs:
+        return None, (float("nan"), float("nan"))
+    est = float(np.mean([p[0] for p in pairs]))
+    lows, highs = [p[1][0] for p in pairs], [p[1][1] for p in pairs]
+    return est, (min(float(np.mean(lows)), est), max(float(np.mean(highs)), est))
+
+
+def _score(row: Mapping[str, Any], value: str, low: str, high: str) -> dict[str, float]:
+    return {"score": float(row[value]), "ci_low": float(row[low]), "ci_high": float(row[high])}
+
+
+def _frozen_claim_pairs(table: pd.DataFrame, value: str, low: str, high: str
+                        ) -> tuple[list[tuple[float, tuple[float, float]]], list[str]]:
+    """Per data set: the SSL stand-in minus the best supervised arm (by test score), with end-to-end intervals."""
+    pairs, notes = [], []
+    for dataset, group in table.groupby("dataset", sort=False):
+        arms = group["backbone"].map(backbone_arm)
+        ssl, sup = group[arms == "ssl"], group[arms == "supervised"]
+        if ssl.empty or sup.empty:
+            continue
+        best = sup.loc[sup[value].idxmax()]
+        pairs.append(_diff(_score(ssl.iloc[0], value, low, high), _score(best, value, low, high)))
+        notes.append(f"{dataset} {pairs[-1][0]:+.3f} vs {best['backbone']}")
+    return pairs, notes
+
+
+def study1_claims(knn: pd.DataFrame, probes: pd.DataFrame, few_summary: pd.DataFrame, seg: pd.DataFrame,
+                  seg_summary: pd.DataFrame, peft: pd.DataFrame, shares: pd.DataFrame) -> pd.DataFrame:
+    """The five claims of Baharoon et al. 2023 (arXiv 2312.02366), judged on this notebook's own numbers.
+
+    Our SSL stand-in (:func:`backbone_arm` "ssl") plays DINOv2 and the measures say so; the
+    supervised arms are the stand-ins of the supervised ImageNet models. Intervals: bootstrap over
+    test images (kNN, probes, fine-tuning, segmentation) or over seeded repeats (few-shot), differences
+    taken end to end (:data:`END_TO_END`). Margins: :data:`AUROC_MARGIN`, :data:`DICE_MARGIN`.
+    """
+    rows = []
+    # 1. frozen features competitive with the supervised ImageNet models (kNN and linear probe)
+    knn_sel = knn[knn["selected"]] if "selected" in knn else knn
+    linear = probes[probes["probe"] == "linear grid"]
+    pairs_k, notes_k = _frozen_claim_pairs(knn_sel, "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high")
+    pairs_l, notes_l = _frozen_claim_pairs(linear, "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high")
+    est, ci = _mean_diff(pairs_k + pairs_l)
+    rows.append(claim(STUDY, 1, "Frozen DINOv2 features are competitive with supervised ImageNet models (kNN, linear "
+                      "probe)", "competitive, per data set", "test AUROC(SSL stand-in) - best supervised stand-in, "
+                      "mean over data sets and over kNN / linear probe", est, ci, interval=END_TO_END + ", ends "
+                      "averaged over the data sets", kind="equivalence", margin=AUROC_MARGIN,
+                      note="kNN: " + "; ".join(notes_k) + ". Linear probe: " + "; ".join(notes_l)))
+    # 2. few-shot: near chance at the smallest n, rising; DINOv2 on top at 16
+    fs = few_summary[(few_summary.get("protocol", "repeats") == "repeats") & (few_summary["metric"] == "auroc")]
+    numeric = sorted({n for n in fs["n"] if n != "all"})
+    if len(numeric) >= 1 and (fs["backbone"].map(backbone_arm) == "ssl").any():
+        top = numeric[-1]
+        at = fs[fs["n"] == top].rename(columns={"mean": "score"})
+        ssl = at[at["backbone"].map(backbone_arm) == "ssl"].iloc[0]
+        others = at[at["backbone"].map(backbone_arm).isin(["supervised", "random", "other"])]
+        best = others.loc[others["score"].idxmax()]
+        est2, ci2 = _diff(ssl, best)
+        first = fs[(fs["n"] == numeric[0]) & (fs["backbone"] == ssl["backbone"])]["mean"]
+        rise = float(ssl["score"]) - float(first.iloc[0]) if len(first) else float("nan")
+        rows.append(claim(STUDY, 2, f"Few-shot: DINOv2 is on top at {top} patients per class (and curves rise with n "
+                          "from near chance)", "NIH: 0.601 at 16, 0.763 with all data", f"few-shot linear-probe "
+                          f"AUROC(SSL stand-in) - best other backbone ({best['backbone']}) at n = {top}", est2, ci2,
+                          interval=END_TO_END + " (each arm: percentile bootstrap of the mean over repeats)",
+                          note=f"the SSL stand-in's curve moves {rise:+.3f} from n = {numeric[0]} "
+                               f"({float(first.iloc[0]):.3f}) to n = {top}"))
+    else:
+        rows.append(claim(STUDY, 2, "Few-shot: DINOv2 on top at 16 patients per class", "NIH: 0.601 at 16",
+                          "few-shot AUROC", not_tested="no SSL stand-in or no few-shot sizes in this run"))
+    # 3. frozen encoder + U-Net decoder beats a scratch U-Net at one image; the gap closes with all images
+    ss = seg_summary[seg_summary["metric"] == "mean_dj"].rename(columns={"mean": "score"})
+    dec = ss[ss["model"].str.endswith("U-Net decoder") & (ss["backbone"].map(backbone_arm) == "ssl")]
+    scr = ss[ss["model"] == SCRATCH]
+    for part, n, text, published, kw in (
+            ("3a", min((n for n in ss["n"] if n != "all"), default=None),
+             "Segmentation: a frozen DINOv2 encoder + U-Net decoder beats a U-Net from scratch with few images",
+             "Montgomery, 1 image: 0.929 vs 0.583", {"published_effect": 0.929 - 0.583}),
+            ("3b", "all", "Segmentation: the gap to the U-Net from scratch closes with all images",
+             "Montgomery, all: 0.974 vs 0.973", {"kind": "equivalence", "margin": DICE_MARGIN})):
+        a, b = dec[dec["n"] == n], scr[scr["n"] == n]
+        if n is None or a.empty or b.empty:
+            rows.append(claim(STUDY, part, text, published, "mean(Dice, Jaccard) difference",
+                              not_tested="the few-shot segmentation table lacks the SSL stand-in or the scratch U-Net"))
+            continue
+        est3, ci3 = _diff(a.iloc[0], b.iloc[0])
+        rows.append(claim(STUDY, part, text, published, f"chest phantoms, n = {n} image(s): mean(Dice, Jaccard) of "
+                          f"{a.iloc[0]['model']} - {SCRATCH}", est3, ci3,
+                          interval=END_TO_END + " (each arm: percentile bootstrap of the mean over repeats)", **kw))
+    # 4. hardest multi-organ set: the frozen DINOv2 encoder beats the other encoders; easy sets: all similar
+    dec_rows = seg[seg["head"] == SEG_HEADS["unet"]]
+    for part, dataset, text, published, kw in (
+            ("4a", "ct_organs", "Multi-organ segmentation (AMOS): a frozen DINOv2 encoder beats the other encoders",
+             "AMOS: DINOv2 ahead", {}),
+            ("4b", "chest_xray", "Easy segmentation sets (Montgomery, Shenzhen, MSD heart): all encoders similar",
+             "all similar", {"kind": "equivalence", "margin": DICE_MARGIN})):
+        group = dec_rows[dec_rows["dataset"] == dataset]
+        arms = group["backbone"].map(backbone_arm)
+        ssl, others = group[arms == "ssl"], group[arms.isin(["supervised", "other"])]
+        if ssl.empty or others.empty:
+            rows.append(claim(STUDY, part, text, published, "test Dice difference",
+                              not_tested=f"no frozen U-Net decoder of the SSL stand-in and a pretrained other on "
+                                         f"{dataset}"))
+            continue
+        best = others.loc[others["test_dice"].idxmax()]
+        est4, ci4 = _diff(_score(ssl.iloc[0], "test_dice", "test_dice_ci_low", "test_dice_ci_high"),
+                          _score(best, "test_dice", "test_dice_ci_low", "test_dice_ci_high"))
+        rows.append(claim(STUDY, part, text, published, f"{dataset} phantoms: test Dice of the SSL stand-in + U-Net "
+                          f"decoder - best other pretrained encoder ({best['backbone']})", est4, ci4,
+                          interval=END_TO_END + " (each arm: percentile bootstrap over test images)", **kw))
+    # 5. LoRA / BitFit: under 1 % of the parameters, close to full fine-tuning
+    published_rows = shares[shares["model"].str.startswith("DINOv2") & (shares["lora_targets"] == "qkv/fc1/fc2")]
+    if len(published_rows):
+        worst = max(float(published_rows["lora_pct"].max()), float(published_rows["bitfit_pct"].max()))
+        largest = published_rows.loc[published_rows["params_M"].idxmax()]
+        est5 = max(float(largest["lora_pct"]), float(largest["bitfit_pct"])) - PEFT_SHARE_BOUND
+        rows.append(claim(STUDY, "5a", "LoRA and BitFit adapt DINOv2 with under 1 % of its parameters",
+                          "under 1 %", f"largest trainable share of LoRA (r = 48, qkv/fc1/fc2) and BitFit on "
+                          f"{largest['model']} (the most favourable size), percent - 1", est5, (est5, est5),
+                          interval="exact parameter count (no sampling)", direction=-1,
+                          note=f"LoRA {float(largest['lora_pct']):.2f} %, BitFit {float(largest['bitfit_pct']):.3f} %;"
+                               f" largest share over the DINOv2 sizes {worst:.2f} %"))
+    full = peft[peft["mode"] == "full"]
+    pairs5 = []
+    for mode in ("lora", "bitfit"):
+        m = peft[(peft["mode"] == mode) & peft["test_auroc"].notna()]
+        if len(m) and len(full):
+            pairs5.append(_diff(_score(m.iloc[0], "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"),
+                                _score(full.iloc[0], "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high")))
+    if pairs5:
+        worst5 = min(pairs5, key=lambda p: p[0])
+        rows.append(claim(STUDY, "5b", "LoRA and BitFit keep performance close to full fine-tuning", "close",
+                          "test AUROC of the worse of LoRA / BitFit - full fine-tuning (SSL stand-in, chest "
+                          "phantoms)", worst5[0], worst5[1], interval=END_TO_END + " (each arm: percentile "
+                          "bootstrap over test images)", kind="equivalence", margin=AUROC_MARGIN,
+                          note="LoRA " + f"{pairs5[0][0]:+.3f}" + (f", BitFit {pairs5[1][0]:+.3f}" if len(pairs5) > 1
+                                                                  else "")))
+    return claims_frame(rows)
+
+
+def sanity_results(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, seg_per_class: pd.DataFrame
+                   ) -> pd.DataFrame:
+    """Every result of notebook 01 beside its trivial reference, for :func:`medlib.eval.claims.sanity_flags`.
+
+    kNN / probe / fine-tuning AUROC against chance (0.5) and, for trained backbones, against
+    ``random-vit-*`` on the same data set and method; segmentation Dice per class against the
+    image-blind prior. Intervals: :func:`auroc_interval` / :func:`mean_interval` (bootstrap over test images).
+    """
+    rows = []
+    knn_sel = knn[knn["selected"]] if "selected" in knn else knn
+    for name, table, method in (("kNN", knn_sel, None), ("probe", probes, "probe"), ("fine-tuning", peft, "mode")):
+        table = table[table["test_auroc"].notna()]
+        for r in table.to_dict("records"):
+            label = name if method is None else f"{name} {r[method]}"
+            base = {"model": f"{r['backbone']} ({label})", "task": r["dataset"], "metric": "test AUROC",
+                    "score": r["test_auroc"], "ci_low": r.get("test_auroc_ci_low", np.nan),
+                    "ci_high": r.get("test_auroc_ci_high", np.nan)}
+            rows.append({**base, "reference": "chance", "reference_value": 0.5})
+            if backbone_arm(r["backbone"]) in ("ssl", "supervised", "other"):
+                same = table[(table["dataset"] == r["dataset"]) & (table["backbone"].map(backbone_arm) == "random")]
+                if method is not None:
+                    same = same[same[method] == r[method]]
+                if len(same):
+                    rows.append({**base, "reference": f"random init ({same.iloc[0]['backbone']})",
+                                 "reference_value": float(same.iloc[0]["test_auroc"])})
+    for r in seg_per_class[seg_per_class["model"] != PRIOR].to_dict("records"):
+        rows.append({"model": r["model"], "task": f"{r['dataset']} {r['class']}", "metric": "test Dice",
+                     "score": r["dice"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                     "reference": PRIOR, "reference_value": r["prior_dice"]})
+    return pd.DataFrame(rows, columns=["model", "task", "metric", "score", "ci_low", "ci_high", "reference",
+                                       "reference_value"])
+
+
+#: Flags of notebook 01 that are a true property of the data, each with the test that shows it.
+SANITY_EXPLANATIONS: dict[tuple[str, str], str] = {}
+
+
+def study1_flags(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, seg_per_class: pd.DataFrame
+                 ) -> pd.DataFrame:
+    """The sanity flags of notebook 01 (results whose interval lies wholly below their trivial reference)."""
+    return sanity_flags(sanity_results(knn, probes, peft, seg_per_class), study=STUDY, table="01",
+                        explanations=SANITY_EXPLANATIONS)
+
+
 __all__ = [
     "BenchmarkDataset", "DINOV2_ARCHS", "FewShotTables", "PUBLISHED_FEW_SHOT_NIH", "PUBLISHED_SEG_MONTGOMERY",
     "PeftTables", "SCRATCH", "SEG_HEADS", "STUDY1_DATASETS", "SegTables", "cap_train", "describe_datasets",
@@ -848,5 +1161,39 @@ __all__ = [
     "parameter_share_table", "peft_table", "plot_few_shot", "plot_heatmap", "plot_peft", "plot_seg_few_shot",
     "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
-    "summarize_repeats",
+    "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
+    "backbone_arm", "headline_findings", "mean_interval", "sanity_results", "study1_claims", "study1_flags",
 ]
+
+
+def headline_findings(knn: pd.DataFrame, probes: pd.DataFrame, seg: pd.DataFrame, claims: pd.DataFrame) -> str:
+    """Sentences for the notebook's findings, generated from its tables: which backbone wins most cells of the
+    frozen-feature tables and the segmentation table, and whether the one-shot segmentation gap keeps its sign."""
+    knn_sel = knn[knn["selected"]] if "selected" in knn else knn
+    cells = [("kNN", knn_sel), *[(p, g) for p, g in probes.groupby("probe", sort=False)]]
+    wins: dict[str, int] = {}
+    total = 0
+    for _, table in cells:
+        for _, group in table.dropna(subset=["test_auroc"]).groupby("dataset", sort=False):
+            wins[group.loc[group["test_auroc"].idxmax(), "backbone"]] = wins.get(
+                group.loc[group["test_auroc"].idxmax(), "backbone"], 0) + 1
+            total += 1
+    lines = []
+    if total:
+        leader, count = max(wins.items(), key=lambda kv: kv[1])
+        lines.append(f"- Frozen features: **{leader}** has the highest test AUROC in {count} of {total} (method, data "
+                     f"set) cells (kNN, linear probe, logistic regression)" + (
+                         "; it wins every one." if count == total else "."))
+    trained = seg[seg["head"] != PRIOR]
+    if len(trained):
+        seg_wins = [g.loc[g["test_dice"].idxmax(), "model"] for _, g in trained.groupby("dataset", sort=False)]
+        lines.append("- Segmentation: the best test Dice per data set is " + ", ".join(
+            f"{d}: **{m}**" for d, m in zip(trained["dataset"].unique(), seg_wins)) + ".")
+    one = claims[claims["id"].astype(str) == "3a"]
+    if len(one) and np.isfinite(one["ours"].iloc[0]):
+        ours = float(one["ours"].iloc[0])
+        sign = "the same sign as" if ours > 0 else "the **opposite** sign to"
+        lines.append(f"- Few-shot segmentation at the smallest n: frozen SSL stand-in + U-Net decoder minus the U-Net "
+                     f"from scratch = {ours:+.3f} (interval [{one['ci_low'].iloc[0]:+.3f}, "
+                     f"{one['ci_high'].iloc[0]:+.3f}]), {sign} the published gap (+0.346 on Montgomery).")
+    return "\n".join(lines)
