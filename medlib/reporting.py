@@ -174,12 +174,16 @@ def image_grid(images: np.ndarray, titles: list[str] | None = None, masks: np.nd
 def write_run_record(profile: str | Profile, notebook: str, wall_time_s: float, status: str,
                      error: str | None = None, **extra: Any) -> Path:
     """Record one notebook's run in ``reports/<profile>/runs.json`` (status, wall time, provenance)."""
+    from .cache import entry_lock
+
     path = reports_dir(profile) / "runs.json"
-    try:
-        records = json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        records = {}  # a damaged record file is rewritten from this run on
-    records[notebook] = provenance(profile=get_profile(profile).name, wall_time_s=wall_time_s, status=status,
-                                   error=error, **extra)
-    save_json(path, records)
+    record = provenance(profile=get_profile(profile).name, wall_time_s=wall_time_s, status=status, error=error,
+                        **extra)
+    with entry_lock(path):  # two runs at once must not drop each other's records
+        try:
+            records = json.loads(path.read_text()) if path.exists() else {}
+        except json.JSONDecodeError:
+            records = {}  # a damaged record file is rewritten from this run on
+        records[notebook] = record
+        save_json(path, records)
     return path

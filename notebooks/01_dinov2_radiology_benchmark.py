@@ -135,6 +135,16 @@ save_table(knn, "01_knn", p)
 knn_best = knn[knn["selected"]]
 knn.pivot_table(index=["dataset", "backbone"], columns="k", values="test_auroc").round(3)
 
+# %% [markdown]
+# A reference that uses no network at all: the same kNN on pixel statistics (a grey-level histogram and
+# 4 x 4 mean intensities). Where it scores as high as the random ViT, the label is carried by raw
+# intensity - which a random network keeps and a trained one learns to ignore.
+
+# %%
+pixel_knn = study.pixel_statistics_knn(datasets, splits, p)
+save_table(pixel_knn, "01_knn_pixel_statistics", p)
+pixel_knn[pixel_knn["selected"]][["dataset", "k", "test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"]].round(3)
+
 # %%
 fig = study.plot_heatmap(knn_best, "backbone", "dataset", "test_auroc",
                       f"kNN test macro AUROC (k chosen on val) - profile {p.name}")
@@ -410,8 +420,9 @@ save_table(claims, "01_claims", p)
 claims
 
 # %%
-flags = study.study1_flags(knn, probes, peft.table, seg.per_class)
-save_table(flags, "01_sanity_flags", p)
+flags = study.study1_flags(knn, probes, peft.table, seg.per_class,
+                           explanations=study.intensity_explanations(knn, probes, pixel_knn))
+save_table(flags, "01_sanity_flags", p, allow_empty=True)
 flags
 
 # %%

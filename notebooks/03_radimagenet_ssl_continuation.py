@@ -294,7 +294,7 @@ table[["id", "claim", "ours", "ci_low", "ci_high", "verdict"]].round(3)
 
 # %%
 flags = study.study_sanity_flags(arm_table, knn, pixel_table)
-save_table(flags, "03_sanity_flags", p)
+save_table(flags, "03_sanity_flags", p, allow_empty=True)
 Markdown(claims.findings_markdown(table, flags, p.name))
 
 # %%

@@ -319,7 +319,7 @@ claims = study.claims_table(sweep, mem, aug, transfer, p, quality=quality, seman
                             seg_classes=seg_classes)
 save_table(claims, "04_claims", p)
 flags = study.sanity_table(aug, seg_classes)
-save_table(flags, "04_sanity_flags", p)
+save_table(flags, "04_sanity_flags", p, allow_empty=True)
 for name, table in {"04_augmentation": aug.summary, "04_augmentation_paired": aug.comparisons,
                     "04_augmentation_runs": aug.table, "04_segmentation_per_class": seg_classes,
                     "04_claims": claims}.items():

@@ -129,3 +129,37 @@ def test_headline_findings_follow_the_numbers():
     knn2 = _tables(ssl=0.95)[0]  # the SSL stand-in wins the kNN cells, the CNN the probe cells
     mixed = study.headline_findings(knn2, probes, seg, reversed_)
     assert "wins every one" not in mixed and "in 2 of 4" in mixed
+
+
+def test_intensity_explanations_only_where_pixel_statistics_reach_random_init():
+    import pandas as pd
+
+    from medlib.studies import radiology_benchmark as rb
+
+    knn = pd.DataFrame({"backbone": ["ssl-natural-vit-tiny", "random-vit-tiny", "ssl-natural-vit-tiny",
+                                     "random-vit-tiny"], "dataset": ["ct", "ct", "knee", "knee"],
+                        "test_auroc": [0.90, 0.98, 0.80, 0.90], "selected": True})
+    probes = knn.iloc[:0].assign(probe=[])
+    pixel = pd.DataFrame({"dataset": ["ct", "knee"], "test_auroc": [0.99, 0.60], "test_auroc_ci_low": [0.98, 0.5],
+                          "test_auroc_ci_high": [1.0, 0.7], "selected": True})
+    out = rb.intensity_explanations(knn, probes, pixel)
+    assert list(out) == [("ssl-natural-vit-tiny (kNN)", "ct")]  # knee: pixels do not explain random init's 0.90
+    assert "0.990" in out[("ssl-natural-vit-tiny (kNN)", "ct")] and "0.980" in out[("ssl-natural-vit-tiny (kNN)", "ct")]
+
+
+def test_pixel_statistics_knn_scores_an_intensity_coded_label():
+    import numpy as np
+
+    from medlib.data.imageset import ImageSet
+    from medlib.studies import radiology_benchmark as rb
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    images = (rng.integers(0, 60, (120, 64, 64)) + 120 * y[:, None, None]).astype(np.uint8)  # label = brightness
+    ds = ImageSet(images=images, labels=y[:, None].astype(np.float32), label_names=["bright"], task="binary",
+                  patient_ids=np.arange(120).astype(str), name="toy")
+    idx = np.arange(120)
+    table = rb.pixel_statistics_knn({"toy": ds}, {"toy": {"train": idx[:80], "val": idx[80:100], "test": idx[100:]}},
+                                    "smoke")
+    best = table[table["selected"]].iloc[0]
+    assert best["test_auroc"] > 0.95 and best["backbone"] == rb.PIXEL_STATISTICS

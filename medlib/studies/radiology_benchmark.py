@@ -1144,13 +1144,74 @@ def sanity_results(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, 
 
 #: Flags of notebook 01 that are a true property of the data, each with the test that shows it.
 SANITY_EXPLANATIONS: dict[tuple[str, str], str] = {}
+PIXEL_STATISTICS = "pixel statistics (no network)"
 
 
-def study1_flags(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, seg_per_class: pd.DataFrame
-                 ) -> pd.DataFrame:
+def pixel_statistics_knn(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]],
+                         profile: Profile | str) -> pd.DataFrame:
+    """The kNN table of a reference that uses no network: grey-level histogram + 4 x 4 mean intensities.
+
+    Features are :func:`medlib.models.health.pixel_statistics_features`, standardised with the train
+    split's mean and std; everything else (k chosen on val, intervals) is :func:`knn_table`'s.
+    """
+    from ..models.health import pixel_statistics_features
+
+    p = get_profile(profile)
+    features = {}
+    for name, ds in datasets.items():
+        x = pixel_statistics_features(np.asarray(ds.images))
+        train = x[splits[name]["train"]]
+        x = (x - train.mean(0)) / (train.std(0) + 1e-6)
+        x = x.astype(np.float32)
+        features[(PIXEL_STATISTICS, name)] = FeatureSet(
+            cls=x, pooled=x, layers=x[:, None, :], labels=ds.labels, label_names=list(ds.label_names), task=ds.task,
+            backbone=PIXEL_STATISTICS, dataset=name, fingerprint="pixel-statistics")
+    return knn_table(features, splits, p.eval.knn_ks, n_resamples=p.eval.bootstrap, seed=p.seed)
+
+
+def intensity_explanations(knn: pd.DataFrame, probes: pd.DataFrame, pixel_knn: pd.DataFrame
+                           ) -> dict[tuple[str, str], str]:
+    """Explanations of "trained backbone below random init" on frozen features that the numbers support.
+
+    A random ViT keeps raw intensity; a recipe that trains photometric invariance (the SSL recipe's
+    colour jitter, the supervised stand-ins' augmentations) learns to ignore it. Where a kNN on
+    pixel statistics alone, with no network, scores at least the random init's AUROC (its interval
+    reaches it), the label is carried by raw intensity and losing to random init is that property,
+    not a broken backbone. Only those (model, data set) pairs get an explanation.
+    """
+    px = pixel_knn[pixel_knn["selected"]].set_index("dataset") if len(pixel_knn) else pd.DataFrame()
+    out: dict[tuple[str, str], str] = {}
+    frames = [("kNN", knn[knn["selected"]] if "selected" in knn else knn, None), ("probe", probes, "probe")]
+    for name, table, method in frames:
+        for dataset, rows in table.groupby("dataset"):
+            if dataset not in px.index:
+                continue
+            ref = px.loc[dataset]
+            for _, r in rows.iterrows():
+                if backbone_arm(r["backbone"]) == "random":
+                    continue
+                random = rows[rows["backbone"].map(backbone_arm) == "random"]
+                if method is not None:
+                    random = random[random[method] == r[method]]
+                if random.empty:
+                    continue
+                rand = float(random.iloc[0]["test_auroc"])
+                if float(ref["test_auroc_ci_high"]) >= rand:
+                    label = name if method is None else f"{name} {r[method]}"
+                    out[(f"{r['backbone']} ({label})", dataset)] = (
+                        f"{dataset}'s label is carried by raw intensity: a kNN on pixel statistics alone (no network) "
+                        f"scores {float(ref['test_auroc']):.3f} [{float(ref['test_auroc_ci_low']):.3f}, "
+                        f"{float(ref['test_auroc_ci_high']):.3f}] against random init's {rand:.3f}; a random ViT keeps "
+                        "intensity, a trained one learns to ignore it (the model cards' health check, under an "
+                        "acquisition shift, shows the trained backbones' gain)")
+    return out
+
+
+def study1_flags(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, seg_per_class: pd.DataFrame,
+                 explanations: Mapping[tuple[str, str], str] | None = None) -> pd.DataFrame:
     """The sanity flags of notebook 01 (results whose interval lies wholly below their trivial reference)."""
     return sanity_flags(sanity_results(knn, probes, peft, seg_per_class), study=STUDY, table="01",
-                        explanations=SANITY_EXPLANATIONS)
+                        explanations={**SANITY_EXPLANATIONS, **dict(explanations or {})})
 
 
 __all__ = [
@@ -1162,7 +1223,8 @@ __all__ = [
     "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
     "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
-    "backbone_arm", "headline_findings", "mean_interval", "sanity_results", "study1_claims", "study1_flags",
+    "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "pixel_statistics_knn",
+    "sanity_results", "study1_claims", "study1_flags",
 ]
 
 
