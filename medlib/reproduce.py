@@ -217,6 +217,9 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
     except pm.PapermillExecutionError as exc:
         status = "failed"
         error = f"cell {exc.cell_index} (exec {exc.exec_count}): {exc.ename}: {str(exc.evalue).splitlines()[0] if exc.evalue else ''}"
+    except Exception as exc:  # noqa: BLE001 - a dead kernel, a timeout ...: recorded as failed, the run goes on
+        status = "failed"
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     except (KeyboardInterrupt, _Terminated) as exc:
         error = f"interrupted ({type(exc).__name__ if isinstance(exc, KeyboardInterrupt) else exc}); outputs are partial"
         write_run_record(profile, py_path.stem, time.perf_counter() - start, "interrupted", error)

@@ -245,3 +245,12 @@ def test_inputs_fingerprint_follows_source_profile_and_settings(nb_dir, monkeypa
     monkeypatch.delenv("MEDLIB_DATA")
     (nb_dir / "00_good.py").write_text(GOOD + "\n")
     assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") != base
+
+
+@pytest.mark.slow
+def test_a_kernel_that_dies_is_recorded_as_failed(nb_dir, tmp_path):
+    (nb_dir / "06_dies.py").write_text(GOOD + "\n# %%\nimport os\nos._exit(1)\n")
+    run = reproduce.run_notebook(nb_dir / "06_dies.py", "smoke", kernel="python3", progress=False)
+    assert run.status == "failed" and "Dead" in run.error
+    record = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())["06_dies"]
+    assert record["status"] == "failed"
