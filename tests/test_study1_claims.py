@@ -38,9 +38,9 @@ def _tables(ssl=0.80, sup=0.78, cnn=0.90, rnd=0.70, unet_ct=(0.6, 0.5), few16=(0
     peft = pd.DataFrame([{"backbone": BACKBONES[0], "dataset": "cxr", "mode": m, "test_auroc": v,
                           "test_auroc_ci_low": v - 0.01, "test_auroc_ci_high": v + 0.01}
                          for m, v in (("full", full), ("lora", lora), ("bitfit", bitfit), ("linear", 0.5))])
-    shares = pd.DataFrame([{"model": "DINOv2 ViT-L/14", "lora_targets": "qkv/fc1/fc2", "params_M": 304.0,
+    shares = pd.DataFrame([{"model": "ViT-L/14 (DINOv2 architecture)", "lora_targets": "qkv/fc1/fc2", "params_M": 304.0,
                             "lora_pct": 5.1, "bitfit_pct": 0.09},
-                           {"model": "DINOv2 ViT-g/14", "lora_targets": "qkv/fc1/fc2", "params_M": 1136.0,
+                           {"model": "ViT-g/14 (DINOv2 architecture)", "lora_targets": "qkv/fc1/fc2", "params_M": 1136.0,
                             "lora_pct": 3.5, "bitfit_pct": 0.07}])
     return knn, probes, few, seg, seg_summary, peft, shares
 

@@ -515,8 +515,10 @@ def peft_table(backbones: Mapping[str, Backbone], ds: ImageSet, split: Mapping[s
 
 #: timm architectures of the published DINOv2 models (counted on the meta device, no weights needed).
 DINOV2_ARCHS: Mapping[str, str] = {
-    "DINOv2 ViT-S/14": "vit_small_patch14_dinov2", "DINOv2 ViT-B/14": "vit_base_patch14_dinov2",
-    "DINOv2 ViT-L/14": "vit_large_patch14_dinov2", "DINOv2 ViT-g/14": "vit_giant_patch14_dinov2",
+    "ViT-S/14 (DINOv2 architecture)": "vit_small_patch14_dinov2",
+    "ViT-B/14 (DINOv2 architecture)": "vit_base_patch14_dinov2",
+    "ViT-L/14 (DINOv2 architecture)": "vit_large_patch14_dinov2",
+    "ViT-g/14 (DINOv2 architecture)": "vit_giant_patch14_dinov2",
 }
 
 
@@ -862,7 +864,7 @@ def plot_few_shot(summary: pd.DataFrame, title: str, metric: str = "auroc", publ
     ax.legend(fontsize=7)
     if published is not None:
         for model, group in published.groupby("model", sort=False):
-            axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=model)
+            axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=f"{model} (published)")
         axes[0, 1].set(title="Published (Baharoon et al. 2023, NIH ChestX-ray14)", xlabel="patients per class",
                        ylabel="macro AUROC", xticks=range(len(order)), xticklabels=[str(n) for n in order])
         axes[0, 1].legend(fontsize=7)
@@ -1080,7 +1082,7 @@ def study1_claims(knn: pd.DataFrame, probes: pd.DataFrame, few_summary: pd.DataF
                           f"decoder - best other pretrained encoder ({best['backbone']})", est4, ci4,
                           interval=END_TO_END + " (each arm: percentile bootstrap over test images)", **kw))
     # 5. LoRA / BitFit: under 1 % of the parameters, close to full fine-tuning
-    published_rows = shares[shares["model"].str.startswith("DINOv2") & (shares["lora_targets"] == "qkv/fc1/fc2")]
+    published_rows = shares[shares["model"].isin(list(DINOV2_ARCHS)) & (shares["lora_targets"] == "qkv/fc1/fc2")]
     if len(published_rows):
         worst = max(float(published_rows["lora_pct"].max()), float(published_rows["bitfit_pct"].max()))
         largest = published_rows.loc[published_rows["params_M"].idxmax()]
@@ -1090,7 +1092,7 @@ def study1_claims(knn: pd.DataFrame, probes: pd.DataFrame, few_summary: pd.DataF
                           f"{largest['model']} (the most favourable size), percent - 1", est5, (est5, est5),
                           interval="exact parameter count (no sampling)", direction=-1,
                           note=f"LoRA {float(largest['lora_pct']):.2f} %, BitFit {float(largest['bitfit_pct']):.3f} %;"
-                               f" largest share over the DINOv2 sizes {worst:.2f} %"))
+                               f" largest share over the DINOv2 architecture sizes {worst:.2f} %"))
     full = peft[peft["mode"] == "full"]
     pairs5 = []
     for mode in ("lora", "bitfit"):
