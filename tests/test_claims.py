@@ -145,3 +145,10 @@ def test_interval_scan_guesses_the_metric_from_the_table_and_claims_measures():
                            "ci_low": [-0.5, 0.4, 10.0], "ci_high": [0.1, 1.1, 70.0]})
     problems = C.interval_violations(claims)
     assert len(problems) == 1 and "row 1" in problems[0]
+
+
+def test_saying_what_a_stand_in_is_not_is_allowed():
+    table = pd.DataFrame({"stands_in_for": ["SSL ViT (DINOv2 in the paper)"],
+                          "value": ["ssl-natural-vit-tiny (a self-trained stand-in, not DINOv2)"],
+                          "arm": ["DINOv2 (ours)"]})
+    assert C.stand_in_name_violations(table) == ["row 0, column 'arm': 'DINOv2 (ours)'"]

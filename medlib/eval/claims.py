@@ -197,10 +197,11 @@ def interval_violations(table: pd.DataFrame, metric: str | None = None) -> list[
 # --------------------------------------------------------------------------- names
 
 #: a real model's name; "DINOv2 recipe" / "DINOv2-style" / "DINOv2 architecture" describe how a stand-in was
-#: made or shaped, not what its weights are, and stay allowed
-REAL_MODEL_NAME = re.compile(r"dino\s*v2(?![-\s]*(recipe|style|architecture|'s recipe))", re.IGNORECASE)
+#: made or shaped, not what its weights are, and "not DINOv2" / "DINOv2 in the paper" say what it is not: allowed
+REAL_MODEL_NAME = re.compile(r"(?<!not )dino\s*v2(?![-\s]*(recipe|style|architecture|'s recipe|in the paper))",
+                             re.IGNORECASE)
 #: columns that name the papers' models on purpose
-PUBLISHED_COLUMN = re.compile(r"^(published|paper)|\((published|paper)\)$|^claim$", re.IGNORECASE)
+PUBLISHED_COLUMN = re.compile(r"^(published|paper)|\((published|paper)\)$|^claim$|^stands_in_for$", re.IGNORECASE)
 
 
 def stand_in_name_violations(table: pd.DataFrame, *, real_weights: bool = False) -> list[str]:
