@@ -430,6 +430,25 @@ def repo_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
+def display_path(path: str | Path) -> str:
+    """A path as a table or message shows it: repository-relative, ``<cache>/...`` inside the cache, else as is.
+
+    Tables then stay the same from one machine, checkout or cache location to another.
+    """
+    text = str(path)
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, TypeError):
+        return text
+    for root, shown in ((cache_dir(), "<cache>"), (repo_root(), "")):
+        try:
+            rel = resolved.relative_to(Path(root).resolve())
+        except ValueError:
+            continue
+        return f"{shown}/{rel.as_posix()}" if shown else rel.as_posix()
+    return text
+
+
 def cache_dir() -> Path:
     """Where generated data sets, features and checkpoints are cached (``MEDLIB_CACHE`` overrides)."""
     path = Path(os.environ.get("MEDLIB_CACHE", repo_root() / ".cache"))

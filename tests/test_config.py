@@ -91,3 +91,12 @@ def test_seeded_torch_rng_is_a_function_of_the_seed_and_restores_the_callers_str
         assert torch.equal(torch.rand(3), a)
     with seeded_torch_rng(6):
         assert not torch.equal(torch.rand(3), a)
+
+
+def test_display_path_is_the_same_on_every_machine(tmp_path, monkeypatch):
+    from medlib.config import display_path, repo_root
+
+    monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path / "somewhere"))
+    assert display_path(tmp_path / "somewhere" / "kind" / "a.npy") == "<cache>/kind/a.npy"
+    assert display_path(repo_root() / "medlib" / "config.py") == "medlib/config.py"
+    assert display_path("/elsewhere/file") == "/elsewhere/file"

@@ -327,12 +327,9 @@ def build_time_quality(pipe: Any, data: LDMData, profile: str | Profile, device:
 
 def _shown(path: Path) -> str:
     """A path relative to the repository root when it lies inside it (for tables and messages)."""
-    from ..config import repo_root
+    from ..config import display_path
 
-    try:
-        return str(Path(path).resolve().relative_to(repo_root()))
-    except ValueError:
-        return str(path)
+    return display_path(path)
 
 
 def _read_card(folder: Path) -> dict[str, Any] | None:

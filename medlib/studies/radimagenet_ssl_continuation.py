@@ -55,7 +55,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..cache import array_fingerprint, artifact_dir, file_hash, load_npy, save_json, save_npy, stable_hash
-from ..config import Profile, cache_dir, get_profile, override, seeded_torch_rng
+from ..config import Profile, cache_dir, display_path, get_profile, override, seeded_torch_rng
 from ..data import phantoms
 from ..data.imageset import ImageSet
 from ..data.splits import grouped_kfold, patient_split
@@ -495,7 +495,8 @@ def load_study_models(profile: Profile | str, continued: Mapping[str, ContinuedS
             if backbone is not None:
                 out.setdefault(role, {})[d] = backbone
             rows.append({"role": role, "arm": arms[role], "domain": d, "backbone": name, "status": status,
-                         "weights": weights, "stands_in_for": ROLE_DESCRIPTIONS[role]})
+                         "weights": display_path(weights) if weights.startswith("/") else weights,
+                         "stands_in_for": ROLE_DESCRIPTIONS[role]})
 
     for role, name in ((IN, p.eval.cv_imagenet_cnn), (NAT, p.eval.cv_ssl_vit)):
         try:
