@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 02 - ImageNet vs self-supervised initialisation (seed 003)
+# # 02 - ImageNet vs self-supervised initialisation (Tayebi Arasteh et al. 2023, [arXiv 2308.07688](https://arxiv.org/abs/2308.07688))
 #
 # Tayebi Arasteh et al. (arXiv 2308.07688) ask a practical question: when a ViT is **fully
 # fine-tuned** on chest radiographs, does it matter where its starting weights come from? They
@@ -80,7 +80,7 @@ study.site_table()
 
 # %% [markdown]
 # ## The three initialisations, checked
-# Seed 003's public code loaded the medical checkpoint into its "ImageNet" arm without a word. Here
+# The authors' public code loaded the medical checkpoint into its "ImageNet" arm without a word. Here
 # every arm must load the file its name resolves to (and, for our own weights, carry a model card
 # with that name), and no two arms may share weights - `study.verify_arms` raises otherwise. The
 # `pretrained_on` column is what each arm's weights were built from: no arm may be tested on it.
@@ -93,7 +93,7 @@ verified
 
 # %% [markdown]
 # ## Full fine-tuning of every arm on every data set
-# Seed 003's recipe: all parameters train, a linear head on the CLS token, BCE with
+# The authors' recipe: all parameters train, a linear head on the CLS token, BCE with
 # `pos_weight = negatives / positives` per label, AdamW without weight decay, horizontal flips and
 # rotations of +-7 degrees. The paper trains 100 epochs at lr 1e-5; *our assumption* for the CPU
 # profiles is `profile.eval.init_epochs` epochs (`tiny`: 4) at backbone lr `profile.eval.init_lr`
@@ -217,7 +217,7 @@ claims.check_sanity(flags, p.name);
 # p-values corrected across data sets; the ablation fractions, their site, equal optimiser steps per
 # fraction, and the CNN reference left out of the ablation.
 #
-# Defects of the seed-003 code that this notebook does **not** repeat: per-epoch "validation" on the
+# Defects of the authors' public code that this notebook does **not** repeat: per-epoch "validation" on the
 # test split (here a patient-grouped validation split selects, and `finetune_run` refuses splits that
 # share images), and an ImageNet arm that silently loaded the medical checkpoint (here
 # `verify_arms` refuses it) - both are tested in `tests/test_initialisation.py`.
