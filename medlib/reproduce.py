@@ -33,13 +33,12 @@ class NotebookRun:
     reused: bool = False
 
 
-def inputs_fingerprint(py_path: Path, profile: str) -> str:
-    """Hash of everything a notebook's results depend on: its source, the medlib code, the embedded weights,
-    the profile (with its data sources), the lock and the ``MEDLIB_*`` settings that change numbers."""
+def shared_inputs(profile: str) -> dict:
+    """What every notebook of a run depends on: the medlib code, the embedded weights, the profile (with its
+    data sources), the lock and the ``MEDLIB_*`` settings that change numbers. Computed once per run."""
     import dataclasses
     import hashlib
 
-    from .cache import stable_hash
     from .lock import lock_hash
 
     root = Path(__file__).resolve().parent
@@ -52,13 +51,20 @@ def inputs_fingerprint(py_path: Path, profile: str) -> str:
         if path.is_file():
             weights.update(str(path.relative_to(root)).encode())
             weights.update(hashlib.sha256(path.read_bytes()).digest())
-    p = get_profile(profile)
-    return stable_hash({
-        "notebook": hashlib.sha256(py_path.read_bytes()).hexdigest(), "code": code.hexdigest(),
-        "weights": weights.hexdigest(), "profile": dataclasses.asdict(p), "lock": lock_hash(),
-        "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
-                                                                   "MEDMNIST_ROOT", "MEDLIB_CACHE")},
-    })
+    return {"code": code.hexdigest(), "weights": weights.hexdigest(),
+            "profile": dataclasses.asdict(get_profile(profile)), "lock": lock_hash(),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
+                                                                       "MEDMNIST_ROOT", "MEDLIB_CACHE")}}
+
+
+def inputs_fingerprint(py_path: Path, profile: str, shared: dict | None = None) -> str:
+    """Hash of everything a notebook's results depend on: its source and :func:`shared_inputs`."""
+    import hashlib
+
+    from .cache import stable_hash
+
+    shared = shared_inputs(profile) if shared is None else shared
+    return stable_hash({"notebook": hashlib.sha256(py_path.read_bytes()).hexdigest(), **shared})
 
 
 def _reusable(py_path: Path, profile: str, fingerprint: str) -> bool:
@@ -243,8 +249,9 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
     for name in mark_killed_runs(profile):
         print(f"[reproduce:{profile}] {name}: its last run was killed; recorded as interrupted", flush=True)
     runs = []
+    shared = shared_inputs(profile)
     for path in discover_notebooks(only=only):
-        fingerprint = inputs_fingerprint(path, profile)
+        fingerprint = inputs_fingerprint(path, profile, shared)
         if not force and _reusable(path, profile, fingerprint):
             import json
 
