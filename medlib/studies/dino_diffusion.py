@@ -690,24 +690,13 @@ def percentile_interval(draws: np.ndarray, estimate: float, level: float = CI_LE
 def auroc_resampled(y: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """AUROC (ties count one half) of ``scores`` for binary ``y`` in each resample ``indices`` (B, N) -> (B,).
 
-    NaN in a resample that holds one class only. With ``indices = arange(N)[None]`` it equals
-    ``sklearn.metrics.roc_auc_score``.
+    NaN in a resample that holds one class only (:func:`medlib.eval.stats.resampled_macro_auroc` on one label).
     """
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(scores, dtype=float)
-    indices = np.atleast_2d(np.asarray(indices, dtype=np.int64))
-    n = len(y)
-    counts = np.stack([np.bincount(row, minlength=n) for row in indices])  # (B, N) multiplicities
-    order = np.argsort(s, kind="stable")
-    s_sorted, y_sorted, c = s[order], y[order], counts[:, order]
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # groups of tied scores
-    pos = np.add.reduceat(c * y_sorted, starts, axis=1)
-    neg = np.add.reduceat(c * ~y_sorted, starts, axis=1)
-    n_pos, n_neg = pos.sum(1).astype(float), neg.sum(1).astype(float)
-    below = np.cumsum(neg, axis=1) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+    from ..eval.stats import resampled_macro_auroc
+
+    y = np.asarray(y).astype(np.int64).reshape(-1, 1)
+    s = np.asarray(scores, dtype=float).reshape(-1, 1)
+    return resampled_macro_auroc(y, s, np.atleast_2d(np.asarray(indices, dtype=np.int64)))
 
 
 def resample_plan(n_test: int, n_repeats: int, n_resamples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
