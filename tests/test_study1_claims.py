@@ -140,11 +140,51 @@ def test_intensity_explanations_only_where_pixel_statistics_reach_random_init():
                                      "random-vit-tiny"], "dataset": ["ct", "ct", "knee", "knee"],
                         "test_auroc": [0.90, 0.98, 0.80, 0.90], "selected": True})
     probes = knn.iloc[:0].assign(probe=[])
-    pixel = pd.DataFrame({"dataset": ["ct", "knee"], "test_auroc": [0.99, 0.60], "test_auroc_ci_low": [0.98, 0.5],
-                          "test_auroc_ci_high": [1.0, 0.7], "selected": True})
+    pixel = pd.DataFrame({"backbone": rb.PIXEL_STATISTICS, "dataset": ["ct", "knee"], "test_auroc": [0.99, 0.60],
+                          "test_auroc_ci_low": [0.98, 0.5], "test_auroc_ci_high": [1.0, 0.7], "selected": True})
     out = rb.intensity_explanations(knn, probes, pixel)
     assert list(out) == [("ssl-natural-vit-tiny (kNN)", "ct")]  # knee: pixels do not explain random init's 0.90
     assert "0.990" in out[("ssl-natural-vit-tiny (kNN)", "ct")] and "0.980" in out[("ssl-natural-vit-tiny (kNN)", "ct")]
+    # a raw-pixel reference that reaches random init explains knee too, and says which reference it was
+    raw = pixel.assign(backbone=rb.RAW_PIXELS, test_auroc=[0.5, 0.88], test_auroc_ci_low=[0.4, 0.84],
+                       test_auroc_ci_high=[0.6, 0.92])
+    both = rb.intensity_explanations(knn, probes, pd.concat([pixel, raw]))
+    assert set(both) == {("ssl-natural-vit-tiny (kNN)", "ct"), ("ssl-natural-vit-tiny (kNN)", "knee")}
+    assert "raw pixel pattern" in both[("ssl-natural-vit-tiny (kNN)", "knee")]
+    assert "raw intensity" in both[("ssl-natural-vit-tiny (kNN)", "ct")]
+
+
+def test_probe_explanations_need_the_same_probe_on_a_reference():
+    import pandas as pd
+
+    from medlib.studies import radiology_benchmark as rb
+
+    probes = pd.DataFrame({"backbone": ["sup-natural-vit-tiny", "random-vit-tiny"] * 2, "dataset": "knee",
+                           "probe": ["linear grid", "linear grid", "logistic regression", "logistic regression"],
+                           "test_auroc": [0.80, 0.92, 0.85, 0.95]})
+    knn = probes.iloc[:0].assign(selected=[])
+    refs = pd.DataFrame({"backbone": rb.RAW_PIXELS, "dataset": "knee", "probe": ["linear grid", "logistic regression"],
+                         "test_auroc": [0.90, 0.80], "test_auroc_ci_low": [0.85, 0.75], "test_auroc_ci_high": [0.94, 0.86]})
+    out = rb.intensity_explanations(knn, probes, knn.iloc[:0], refs)
+    assert list(out) == [("sup-natural-vit-tiny (probe linear grid)", "knee")]  # logistic: 0.86 < random's 0.95
+    assert rb.intensity_explanations(knn, probes, knn.iloc[:0]) == {}  # no probe references: nothing explained
+
+
+def test_raw_pixel_features_average_blocks_and_reject_bad_input():
+    import numpy as np
+    import pytest
+
+    from medlib.models.health import raw_pixel_features
+
+    img = np.zeros((2, 4, 4), np.uint8)
+    img[0, :2, :2] = 255
+    x = raw_pixel_features(img, side=2)
+    assert x.shape == (2, 4) and np.allclose(x[0], [1, 0, 0, 0]) and np.allclose(x[1], 0)
+    assert np.allclose(raw_pixel_features(np.stack([img] * 3, -1), side=2), x)  # RGB -> grey
+    with pytest.raises(ValueError, match="uint8"):
+        raw_pixel_features(img.astype(np.float32))
+    with pytest.raises(ValueError, match="side"):
+        raw_pixel_features(img, side=5)
 
 
 def test_pixel_statistics_knn_scores_an_intensity_coded_label():
@@ -163,3 +203,62 @@ def test_pixel_statistics_knn_scores_an_intensity_coded_label():
                                     "smoke")
     best = table[table["selected"]].iloc[0]
     assert best["test_auroc"] > 0.95 and best["backbone"] == rb.PIXEL_STATISTICS
+
+
+def test_head_epochs_raise_only_linear_heads_to_the_step_budget():
+    from medlib.config import get_profile, override
+    from medlib.studies import radiology_benchmark as rb
+
+    p = get_profile("tiny")
+    p = override(p, **{"eval.seg_head_min_steps": 200, "eval.seg_batch_size": 8})
+    assert rb.head_epochs(p, "linear", 58, 15) == 25  # 8 steps per epoch -> ceil(200 / 8)
+    assert rb.head_epochs(p, "linear", 800, 15) == 15  # already 1500 steps
+    assert rb.head_epochs(p, "unet", 58, 15) == 15 and rb.head_epochs(p, "scratch", 58, 15) == 15
+    off = override(p, **{"eval.seg_head_min_steps": 0})
+    assert rb.head_epochs(off, "linear", 58, 15) == 15
+
+
+def test_grid_oracle_is_exact_on_a_grid_aligned_mask_and_blind_below_it():
+    import numpy as np
+
+    from medlib.eval.segmentation import grid_oracle_masks
+
+    masks = np.zeros((1, 8, 8), np.uint8)
+    masks[0, :4, :4] = 1  # one quadrant: a 2 x 2 grid labels it exactly
+    assert (grid_oracle_masks(masks, 2, 2) == masks).all()
+    small = np.zeros((1, 8, 8), np.uint8)
+    small[0, :2, :2] = 1  # a 2 x 2 corner is a minority of every 2 x 2-grid cell
+    assert grid_oracle_masks(small, 2, 2).max() == 0 and (grid_oracle_masks(small, 4, 2) == small).all()
+
+
+def test_resolution_explanations_only_where_the_grid_ceiling_is_below_the_prior():
+    import pandas as pd
+
+    from medlib.studies import radiology_benchmark as rb
+
+    ceilings = pd.DataFrame({"dataset": "chest", "model": "cnn + linear head", "grid": [2, 2],
+                             "class": ["heart", "lung"], "dice": [0.0, 0.9], "ci_low": [0.0, 0.85],
+                             "ci_high": [0.0, 0.95], "prior_dice": [0.8, 0.9]})
+    out = rb.resolution_explanations(ceilings)
+    assert list(out) == [("cnn + linear head", "chest heart")]  # lung: the grid could reach the prior
+    assert "2 x 2 grid" in out[("cnn + linear head", "chest heart")] and "0.800" in out[("cnn + linear head", "chest heart")]
+
+
+def test_linear_head_ceilings_read_each_backbones_grid():
+    import numpy as np
+
+    from medlib.data.imageset import ImageSet
+    from medlib.models.backbones import create_backbone
+    from medlib.studies import radiology_benchmark as rb
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 32, 32), np.uint8)
+    masks[:, 8:24, 4:14] = 1
+    images = rng.integers(0, 255, (6, 32, 32)).astype(np.uint8)
+    ds = ImageSet(images=images, labels=np.zeros((6, 1), np.float32), label_names=["x"], task="binary",
+                  patient_ids=np.arange(6).astype(str), name="toy", masks=masks, mask_names=["organ"])
+    sets = {"toy": {"train": ds.subset(np.arange(3)), "val": ds.subset([3]), "test": ds.subset([4, 5])}}
+    backbone = create_backbone("random-vit-smoke", image_size=32)
+    table = rb.linear_head_ceilings({"random-vit-smoke": backbone}, sets, "smoke")
+    assert set(table["class"]) == {"organ", "mean"} and (table["grid"] == rb.head_grid(backbone, 32)).all()
+    assert ((table["dice"] >= 0) & (table["dice"] <= 1)).all() and (table["prior_dice"] == 1.0).all()

@@ -487,6 +487,34 @@ def evaluate_prior(train: ImageSet, test: ImageSet, exclude_background: bool = T
                                                     names, row, test.patient_ids[row]) for row in range(len(test))])
 
 
+def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int) -> np.ndarray:
+    """The best labelling of a ``grid`` x ``grid`` map: each cell's majority class of the true mask, at full size.
+
+    A head that predicts one label per cell of a coarse grid cannot do better per image (up to the
+    smoothing of bilinear upsampling); it bounds what a linear head on that grid can reach.
+    """
+    masks = _label_array(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"grid_oracle_masks: masks must be (N, H, W), got shape {masks.shape}.")
+    if not 1 <= int(grid) <= min(masks.shape[1:]):
+        raise ValueError(f"grid_oracle_masks: grid must be 1..{min(masks.shape[1:])}, got {grid}.")
+    onehot = F.one_hot(torch.as_tensor(masks, dtype=torch.long), int(n_classes)).permute(0, 3, 1, 2).float()
+    cells = F.adaptive_avg_pool2d(onehot, int(grid))  # class shares per cell
+    up = F.interpolate(cells, size=tuple(masks.shape[1:]), mode="nearest")
+    return up.argmax(dim=1).numpy().astype(np.uint8)
+
+
+def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True) -> pd.DataFrame:
+    """Per-image Dice / Jaccard of :func:`grid_oracle_masks` on ``test`` (same columns as :func:`evaluate_segmenter`)."""
+    n_classes = len(test.mask_names) + 1
+    _check_seg_set(test, n_classes, "evaluation")
+    masks = np.asarray(test.masks)
+    best = grid_oracle_masks(masks, grid, n_classes)
+    names = _class_names(test, n_classes)
+    return pd.DataFrame.from_records([_score_record(best[row], masks[row], n_classes, exclude_background, names, row,
+                                                    test.patient_ids[row]) for row in range(len(test))])
+
+
 def _score_images(model: nn.Module, ds: ImageSet, image_size: int, device: str, batch_size: int,
                   exclude_background: bool, store: _FeatureStore | None, check: bool = True,
                   loss: str | None = None) -> tuple[pd.DataFrame, float]:

@@ -111,6 +111,23 @@ def pixel_statistics_features(images: np.ndarray, bins: int = 16, grid: int = 4)
     return np.concatenate([hist, np.stack(cells, axis=1)], axis=1)
 
 
+def raw_pixel_features(images: np.ndarray, side: int = 16) -> np.ndarray:
+    """No-network features of uint8 images (N, side**2): the grey image area-averaged to side x side, in [0, 1]."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ValueError(f"raw_pixel_features expects uint8 images, got {x.dtype}.")
+    if x.ndim == 4 and x.shape[-1] in (1, 3):
+        x = x.mean(axis=-1)
+    elif x.ndim != 3:
+        raise ValueError(f"raw_pixel_features expects (N, H, W) or (N, H, W, 1|3) images, got {x.shape}.")
+    if not 1 <= side <= min(x.shape[1:]):
+        raise ValueError(f"need 1 <= side <= image side {min(x.shape[1:])}, got side={side}.")
+    x = x.astype(np.float32) / 255.0
+    rows = np.array_split(np.arange(x.shape[1]), side)
+    cols = np.array_split(np.arange(x.shape[2]), side)
+    return np.stack([x[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols], axis=1)
+
+
 def acquisition_shift(images: np.ndarray, seed: int, gamma: tuple[float, float] = SHIFT_GAMMA,
                       contrast: tuple[float, float] = SHIFT_CONTRAST,
                       brightness: tuple[float, float] = SHIFT_BRIGHTNESS) -> np.ndarray:

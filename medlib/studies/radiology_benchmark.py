@@ -592,6 +592,16 @@ def _seg_jobs(backbones: Mapping[str, Backbone], heads: Sequence[str], scratch: 
     return jobs + ([("-", "scratch", None)] if scratch else [])
 
 
+def head_epochs(profile: Profile | str, head: str, n_images: int, epochs: int) -> int:
+    """Epochs for ``head`` on ``n_images``: ``epochs``, raised for a frozen linear head to reach
+    ``eval.seg_head_min_steps`` optimiser steps (our assumption; cached token grids make them cheap)."""
+    p = get_profile(profile)
+    if head != "linear" or p.eval.seg_head_min_steps <= 0:
+        return int(epochs)
+    steps_per_epoch = int(np.ceil(n_images / p.eval.seg_batch_size))
+    return max(int(epochs), int(np.ceil(p.eval.seg_head_min_steps / steps_per_epoch)))
+
+
 def _train_kwargs(p: Profile, device: str) -> dict[str, Any]:
     return {"epochs": p.eval.seg_epochs, "batch_size": p.eval.seg_batch_size,
             "image_size": p.backbone.image_size, "device": device}
@@ -666,18 +676,21 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
                                                         *_seg_jobs(backbones, heads, scratch)]
         for name, head, backbone in jobs:
             start = time.perf_counter()
+            epochs = np.nan
             if head == "prior":
                 per_image, best, lrs = prior_images, None, None
             else:
+                epochs = head_epochs(p, head, len(parts["train"]), kwargs["epochs"])
                 best, lrs = segmentation.lr_grid(_seg_factory(head, backbone, n_classes), parts["train"],
-                                                 parts["val"], p.eval.seg_lrs, seed=p.seed, **kwargs)
+                                                 parts["val"], p.eval.seg_lrs, seed=p.seed,
+                                                 **{**kwargs, "epochs": epochs})
                 per_image = segmentation.evaluate_segmenter(best.model, parts["test"], kwargs["image_size"], device)
             test = segmentation.summarize(per_image)
             label = PRIOR if head == "prior" else seg_model_label(name, head)
             mean, low, high = mean_interval(per_image["dice"], p.eval.bootstrap, p.seed)
             row = {"dataset": dataset, "backbone": name, "head": PRIOR if head == "prior" else SEG_HEADS.get(head, SCRATCH),
                    "model": label, "lr": float(lrs.loc[lrs["selected"], "lr"].iloc[0]) if lrs is not None else np.nan,
-                   "best_epoch": best.best_epoch if best is not None else np.nan,
+                   "epochs": epochs, "best_epoch": best.best_epoch if best is not None else np.nan,
                    "val_dice": best.best_val_dice if best is not None else np.nan,
                    "test_dice": float(test["dice"]), "test_dice_ci_low": low, "test_dice_ci_high": high,
                    "test_jaccard": float(test["jaccard"]), "test_mean_dj": float(test["mean_dj"]),
@@ -691,6 +704,54 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
                 key = (dataset, name, head)
                 models[key], lr_tables[key] = best.model, lrs
     return SegTables(pd.DataFrame(rows), models, lr_tables, pd.DataFrame(per_class))
+
+
+def head_grid(backbone: Backbone, image_size: int) -> int:
+    """Side of the last token / feature grid that a linear head reads at ``image_size`` (e.g. 8 for 64 px, patch 8)."""
+    with torch.no_grad():
+        grid = backbone.features(torch.zeros(1, 3, image_size, image_size), n_last=1)["grids"][-1]
+    return int(grid.shape[-1])
+
+
+def linear_head_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
+                         profile: Profile | str) -> pd.DataFrame:
+    """Per class, the Dice of the best labelling of each linear head's grid (:func:`medlib.eval.segmentation.
+    evaluate_grid_oracle`: each cell's majority class of the true test mask) beside the image-blind prior.
+
+    Columns: dataset, model, grid, class (and "mean"), dice, ci_low, ci_high, prior_dice, images, interval.
+    """
+    p = get_profile(profile)
+    rows = []
+    for dataset, parts in seg_sets.items():
+        prior = segmentation.evaluate_prior(parts["train"], parts["test"])
+        oracles: dict[int, pd.DataFrame] = {}
+        for name, backbone in backbones.items():
+            grid = head_grid(backbone, p.backbone.image_size)
+            if grid not in oracles:
+                oracles[grid] = segmentation.evaluate_grid_oracle(parts["test"], grid)
+            for r in _per_class_rows(oracles[grid], prior, dataset, seg_model_label(name, "linear"), p.eval.bootstrap,
+                                     p.seed):
+                rows.append({**r, "grid": grid})
+    front = ["dataset", "model", "grid", "class"]
+    table = pd.DataFrame(rows)
+    return table[front + [c for c in table.columns if c not in front]] if len(table) else table
+
+
+def resolution_explanations(ceilings: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Explanations of "linear head below the image-blind prior" that the grid's own ceiling supports.
+
+    Where even the best labelling of the head's grid (:func:`linear_head_ceilings`) stays below the
+    prior (its interval's upper end below the prior's Dice), a full-resolution prior beats any head
+    that labels that grid, up to the smoothing of bilinear upsampling: resolution, not training.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for r in ceilings.to_dict("records"):
+        if np.isfinite(r["ci_high"]) and r["ci_high"] < r["prior_dice"]:
+            out[(r["model"], f"{r['dataset']} {r['class']}")] = (
+                f"resolution: the head labels a {r['grid']} x {r['grid']} grid, and the best labelling of that grid "
+                f"(each cell's majority class of the true mask) scores Dice {r['dice']:.3f} [{r['ci_low']:.3f}, "
+                f"{r['ci_high']:.3f}] against the full-resolution prior's {r['prior_dice']:.3f}")
+    return out
 
 
 def seg_model_label(backbone: str, head: str) -> str:
@@ -725,8 +786,9 @@ def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Map
             lr = _chosen_lr(lrs, dataset, label, p.eval.seg_lrs[0])
             for n in ns:
                 size = n_train if n == "all" else int(n)
-                epochs = (equal_step_epochs(size, n_train, kwargs["batch_size"], kwargs["epochs"]) if equal_steps
-                          else kwargs["epochs"])
+                full = head_epochs(p, head, n_train, kwargs["epochs"])
+                epochs = (equal_step_epochs(size, n_train, kwargs["batch_size"], full) if equal_steps
+                          else head_epochs(p, head, size, kwargs["epochs"]))
                 long = segmentation.segmentation_few_shot(
                     _seg_factory(head, backbone, n_classes), parts["train"], parts["val"], parts["test"], ns=[n],
                     repeats=p.eval.seg_repeats, seed=p.seed, model_name=label, lr=lr, **{**kwargs, "epochs": epochs})
@@ -1147,65 +1209,97 @@ def sanity_results(knn: pd.DataFrame, probes: pd.DataFrame, peft: pd.DataFrame, 
 #: Flags of notebook 01 that are a true property of the data, each with the test that shows it.
 SANITY_EXPLANATIONS: dict[tuple[str, str], str] = {}
 PIXEL_STATISTICS = "pixel statistics (no network)"
+RAW_PIXELS = "raw pixels 16 x 16 (no network)"
+#: What each no-network reference keeps of an image, for the explanations it supports.
+REFERENCE_CARRIES = {PIXEL_STATISTICS: "raw intensity (grey-level histogram, 4 x 4 mean intensities)",
+                     RAW_PIXELS: "the raw pixel pattern (the grey image averaged to 16 x 16)"}
+
+
+def no_network_features(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]]
+                        ) -> dict[tuple[str, str], FeatureSet]:
+    """FeatureSets of the two references that use no network (:data:`PIXEL_STATISTICS`, :data:`RAW_PIXELS`).
+
+    Features are :func:`medlib.models.health.pixel_statistics_features` and
+    :func:`medlib.models.health.raw_pixel_features`, standardised with the train split's mean and std.
+    """
+    from ..models.health import pixel_statistics_features, raw_pixel_features
+
+    features = {}
+    for reference, extract in ((PIXEL_STATISTICS, pixel_statistics_features), (RAW_PIXELS, raw_pixel_features)):
+        for name, ds in datasets.items():
+            x = extract(np.asarray(ds.images))
+            train = x[splits[name]["train"]]
+            x = ((x - train.mean(0)) / (train.std(0) + 1e-6)).astype(np.float32)
+            features[(reference, name)] = FeatureSet(
+                cls=x, pooled=x, layers=x[:, None, :], labels=ds.labels, label_names=list(ds.label_names),
+                task=ds.task, backbone=reference, dataset=name, fingerprint=reference)
+    return features
 
 
 def pixel_statistics_knn(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]],
                          profile: Profile | str) -> pd.DataFrame:
-    """The kNN table of a reference that uses no network: grey-level histogram + 4 x 4 mean intensities.
-
-    Features are :func:`medlib.models.health.pixel_statistics_features`, standardised with the train
-    split's mean and std; everything else (k chosen on val, intervals) is :func:`knn_table`'s.
-    """
-    from ..models.health import pixel_statistics_features
-
+    """The kNN table (k chosen on val, intervals: :func:`knn_table`) of both no-network references."""
     p = get_profile(profile)
-    features = {}
-    for name, ds in datasets.items():
-        x = pixel_statistics_features(np.asarray(ds.images))
-        train = x[splits[name]["train"]]
-        x = (x - train.mean(0)) / (train.std(0) + 1e-6)
-        x = x.astype(np.float32)
-        features[(PIXEL_STATISTICS, name)] = FeatureSet(
-            cls=x, pooled=x, layers=x[:, None, :], labels=ds.labels, label_names=list(ds.label_names), task=ds.task,
-            backbone=PIXEL_STATISTICS, dataset=name, fingerprint="pixel-statistics")
-    return knn_table(features, splits, p.eval.knn_ks, n_resamples=p.eval.bootstrap, seed=p.seed)
+    return knn_table(no_network_features(datasets, splits), splits, p.eval.knn_ks, n_resamples=p.eval.bootstrap,
+                     seed=p.seed)
 
 
-def intensity_explanations(knn: pd.DataFrame, probes: pd.DataFrame, pixel_knn: pd.DataFrame
-                           ) -> dict[tuple[str, str], str]:
+def no_network_probes(datasets: Mapping[str, ImageSet], splits: Mapping[str, Mapping[str, np.ndarray]],
+                      profile: Profile | str, device: str = "auto") -> pd.DataFrame:
+    """The probe table (:func:`probe_table`: linear grid and logistic regression) of both no-network references."""
+    return probe_table(no_network_features(datasets, splits), splits, profile, device=device)
+
+
+def _best_reference(table: pd.DataFrame, dataset: str, method: str | None, value: str | None
+                    ) -> dict[str, Any] | None:
+    """The no-network reference row of ``dataset`` (and method) whose interval reaches highest."""
+    rows = table[table["dataset"] == dataset]
+    if "selected" in rows and method is None:
+        rows = rows[rows["selected"]]
+    if method is not None:
+        rows = rows[rows[method] == value]
+    rows = rows.dropna(subset=["test_auroc_ci_high"])
+    return None if rows.empty else rows.iloc[int(np.argmax(rows["test_auroc_ci_high"].to_numpy()))].to_dict()
+
+
+def intensity_explanations(knn: pd.DataFrame, probes: pd.DataFrame, pixel_knn: pd.DataFrame,
+                           pixel_probes: pd.DataFrame | None = None) -> dict[tuple[str, str], str]:
     """Explanations of "trained backbone below random init" on frozen features that the numbers support.
 
-    A random ViT keeps raw intensity; a recipe that trains photometric invariance (the SSL recipe's
-    colour jitter, the supervised stand-ins' augmentations) learns to ignore it. Where a kNN on
-    pixel statistics alone, with no network, scores at least the random init's AUROC (its interval
-    reaches it), the label is carried by raw intensity and losing to random init is that property,
-    not a broken backbone. Only those (model, data set) pairs get an explanation.
+    A random ViT keeps its input's pixels (close to a random projection of each patch); a recipe that
+    trains invariances (the SSL recipe's colour jitter and crops, the supervised stand-ins'
+    augmentations) learns to discard some of them. Where the same method (kNN; or the same probe) on a
+    no-network reference - pixel statistics or raw pixels - reaches the random init's AUROC (its
+    interval reaches it), the label is readable from the pixels alone and losing to random init is that
+    property, not a broken backbone. Only those (model, data set) pairs get an explanation.
     """
-    px = pixel_knn[pixel_knn["selected"]].set_index("dataset") if len(pixel_knn) else pd.DataFrame()
     out: dict[tuple[str, str], str] = {}
-    frames = [("kNN", knn[knn["selected"]] if "selected" in knn else knn, None), ("probe", probes, "probe")]
-    for name, table, method in frames:
+    frames = [("kNN", knn[knn["selected"]] if "selected" in knn else knn, None, pixel_knn),
+              ("probe", probes, "probe", pixel_probes)]
+    for name, table, method, refs in frames:
+        if refs is None or not len(refs) or not len(table):
+            continue
         for dataset, rows in table.groupby("dataset"):
-            if dataset not in px.index:
-                continue
-            ref = px.loc[dataset]
             for _, r in rows.iterrows():
                 if backbone_arm(r["backbone"]) == "random":
                     continue
                 random = rows[rows["backbone"].map(backbone_arm) == "random"]
                 if method is not None:
                     random = random[random[method] == r[method]]
-                if random.empty:
+                ref = _best_reference(refs, dataset, method, r[method] if method is not None else None)
+                if random.empty or ref is None:
                     continue
                 rand = float(random.iloc[0]["test_auroc"])
                 if float(ref["test_auroc_ci_high"]) >= rand:
                     label = name if method is None else f"{name} {r[method]}"
+                    how = "a kNN" if method is None else f"the same probe ({r[method]})"
                     out[(f"{r['backbone']} ({label})", dataset)] = (
-                        f"{dataset}'s label is carried by raw intensity: a kNN on pixel statistics alone (no network) "
-                        f"scores {float(ref['test_auroc']):.3f} [{float(ref['test_auroc_ci_low']):.3f}, "
-                        f"{float(ref['test_auroc_ci_high']):.3f}] against random init's {rand:.3f}; a random ViT keeps "
-                        "intensity, a trained one learns to ignore it (the model cards' health check, under an "
-                        "acquisition shift, shows the trained backbones' gain)")
+                        f"{dataset}'s label is readable without a network, from {REFERENCE_CARRIES[ref['backbone']]}: "
+                        f"{how} on {ref['backbone']} scores {float(ref['test_auroc']):.3f} "
+                        f"[{float(ref['test_auroc_ci_low']):.3f}, {float(ref['test_auroc_ci_high']):.3f}] against "
+                        f"random init's {rand:.3f}; a random ViT keeps its input's pixels, a trained one learns to "
+                        "discard some of them (the model cards' health check, under an acquisition shift, shows the "
+                        "trained backbones' gain)")
     return out
 
 
@@ -1225,7 +1319,9 @@ __all__ = [
     "plot_seg_overlays", "primary_backbone", "probe_table", "published_counterpart", "seg_model_label",
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
     "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
-    "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "pixel_statistics_knn",
+    "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "no_network_features", "no_network_probes",
+    "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "linear_head_ceilings",
+    "resolution_explanations",
     "sanity_results", "study1_claims", "study1_flags",
 ]
 
