@@ -32,7 +32,7 @@
 # **Prerequisites.** Python, NumPy arrays of images; nothing about deep learning yet. Terms:
 # [phantom](../docs/glossary.md#phantom), [MedMNIST](../docs/glossary.md#medmnist), [RadImageNet](../docs/glossary.md#radimagenet).
 #
-# **Time on a laptop** (2-core CPU): `smoke` SMOKE_00, `tiny` about 1.5 min (88 s in `reports/tiny/runs.json`).
+# **Time on a laptop** (2-core CPU): `smoke` 43 s measured with cold caches on 2 shared cores, `tiny` about 1.5 min (88 s in `reports/tiny/runs.json`).
 # No exercises here; notebooks 01-04 end with theirs.
 
 # %% tags=["parameters"]
