@@ -7,11 +7,12 @@ STAMP := $(VENV)/.setup-stamp
 KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: lock setup reproduce test test-fast bench lab sync notebooks backbones ldm clean help
+.PHONY: lock setup reproduce test test-fast bench lab sync notebooks student backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
 	@echo "make test                                      unit + integration + nbval tests"
+	@echo "make student                                   the notebooks without solutions -> build/student/"
 	@echo "make setup | lock | bench | lab | sync | backbones | ldm | clean"
 
 # lock: pin every package (with hashes) from pyproject.toml; commit pylock.toml and requirements.lock
@@ -54,6 +55,11 @@ lab: setup
 
 sync: setup
 	$(VENV)/bin/jupytext --sync $(NOTEBOOKS)
+
+# the student edition: every notebook without its cells tagged "solution" (docs/course.md)
+STUDENT_DIR ?= build/student
+student: setup
+	$(PY) -m medlib.teaching student --out $(STUDENT_DIR)
 
 # re-execute the committed notebooks/*.ipynb on the smoke profile (their outputs are what nbval replays)
 notebooks: setup

@@ -41,6 +41,21 @@
 # stand-ins on some tasks? Do few-shot curves rise with n and how wide are their intervals? How
 # much of the network do LoRA and BitFit really train? Does a frozen encoder segment well?
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can (1) evaluate a frozen encoder with [kNN](../docs/glossary.md#knn),
+# a [linear probe](../docs/glossary.md#linear-probe) and [few-shot](../docs/glossary.md#few-shot) probes, and say why k and the head are
+# chosen on validation, never on test; (2) compare [full fine-tuning](../docs/glossary.md#full-fine-tuning), [LoRA](../docs/glossary.md#lora)
+# and [BitFit](../docs/glossary.md#bitfit) and count what each trains; (3) read [Dice](../docs/glossary.md#dice) / [IoU](../docs/glossary.md#iou)
+# against an image-blind prior; (4) read a claims table with [bootstrap](../docs/glossary.md#bootstrap-ci) intervals and the
+# sanity flags, and explain why random init is the floor to beat.
+#
+# **Prerequisites.** Notebook 00; [AUROC](../docs/glossary.md#auroc) and [macro AUROC](../docs/glossary.md#macro-auroc); what a
+# [ViT](../docs/glossary.md#vit-patch-size) and [self-supervised learning](../docs/glossary.md#ssl) ([DINOv2](../docs/glossary.md#dinov2)) are.
+#
+# **Time on a laptop** (2-core CPU): `smoke` 134 s measured with cold caches on 2 shared cores (about 40 s warm; the exercises add 7 s); `tiny` about 13 min (788 s in `reports/tiny/runs.json`;
+# the `tiny` run stops at the sanity gate of the findings, so in a `tiny` session run the exercises by hand
+# after it). Exercises: 1.1 kNN with k = 1, 1.2 the acquisition shift, 1.3 a smaller LoRA rank.
+
 # %% tags=["parameters"]
 profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
 
@@ -456,3 +471,102 @@ Markdown(claims_lib.findings_markdown(claims, flags, p.name) + "\n\nWhat the tab
 
 # %%
 claims_lib.check_sanity(flags, p.name);
+
+# %% [markdown]
+# ## Exercises: predict, then run
+# Each exercise changes **one** thing in what this notebook did and reruns only that part, in seconds
+# on `smoke`. Write your prediction in `prediction` *before* you run the `exercise` cell, then fill in
+# `answer` from what it prints and run the `self-check` cell: it fails with a hint when `answer` does
+# not match the run. Predictions are not graded. The solutions are folded away on the site and
+# missing from the student edition (`make student`); terms are in the [glossary](../docs/glossary.md).
+
+# %%
+from medlib import teaching
+
+random_name = next(name for name in backbones if name.startswith("random-"))
+exercise_started = time.perf_counter()
+print(f"SSL stand-in {ssl_name}, random init {random_name}")
+
+# %% [markdown]
+# ### Exercise 1.1 - kNN with a single neighbour
+# Section 1 chose k on validation from `profile.eval.knn_ks`. Change one thing: k = 1. **Predict:** for
+# most (data set, backbone) pairs, is the test AUROC *higher* or *lower* than at the chosen k?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: higher or lower at k = 1, and why?
+K = 1  # the one change
+knn_k = study.knn_table(features, splits, ks=(K,), n_resamples=100, seed=p.seed)
+knn_change = teaching.paired_change(knn_best, knn_k, keys=["dataset", "backbone"], value="test_auroc")
+answer = None  # after running: "higher" or "lower" - what did most pairs do?
+knn_change.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# With k = 1 the vote is the label of one neighbour, so each image's score takes (almost) only the
+# values 0 and 1: the ranking that AUROC measures collapses to one threshold, and one noisy neighbour
+# decides. AUROC should fall for most pairs; accuracy suffers less than AUROC.
+prediction = "lower: one neighbour gives near-binary scores, AUROC needs a ranking"
+answer = teaching.majority_direction(knn_change)
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.majority_direction(knn_change),
+                      what="the test AUROC of most pairs at k = 1 (vs the chosen k)", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 1.2 - Drop the acquisition shift
+# The health check of the model cards scores backbones under an **acquisition shift** (a random gamma,
+# contrast and brightness per image). Here, on the CT organs, kNN (k = 20) of the SSL stand-in and of
+# random init, on the images as generated and under the shift. **Predict:** which of the two backbones
+# loses *more* AUROC when the shift is switched on?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: the SSL stand-in or random init, and why?
+SHIFT = True  # the one change (the notebook's kNN above ran on unshifted images)
+pair = {name: backbones[name] for name in (ssl_name, random_name)}
+shift_runs = [study.knn_table(teaching.frozen_features(pair, datasets["ct_organs"], "ct_organs", shift=flag,
+                                                      seed=p.seed, image_size=p.backbone.image_size,
+                                                      batch_size=p.eval.batch_size, device=device),
+                             {"ct_organs": splits["ct_organs"]}, ks=(20,), n_resamples=100, seed=p.seed)
+              for flag in (False, SHIFT)]
+shift_change = teaching.paired_change(shift_runs[0], shift_runs[1], keys=["backbone"], value="test_auroc")
+answer = None  # after running: the name of the backbone that lost more AUROC under the shift
+shift_change.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# The CT phantoms code the organ partly in raw intensity, which a random network passes through; the
+# shift scrambles intensity, so random init should lose more. An SSL backbone trained with colour
+# jitter and crops has learned some invariance to it. If the SSL stand-in loses more here, its
+# features lean on intensity too - a finding about the stand-in, not about DINOv2.
+prediction = f"{random_name}: it keeps the raw intensities that the shift scrambles"
+answer = shift_change.sort_values("change")["backbone"].iloc[0]
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, shift_change.sort_values("change")["backbone"].iloc[0], choices=list(pair),
+                      what="the backbone that lost more AUROC under the shift", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 1.3 - A smaller LoRA rank
+# Section 4 counted LoRA at r = 48 on qkv / fc1 / fc2, the authors' setting: about 5 % of ViT-L/14.
+# Change one thing: r = 8. **Predict** the share in percent before running (LoRA adds r x (in + out)
+# parameters to each adapted linear layer), then write the share the run gives in `answer`.
+
+# %% tags=["exercise"]
+prediction = ""  # before running: the LoRA share of ViT-L/14 at r = 8, in percent
+R = 8  # the one change
+vit_l = {"ViT-L/14": study.DINOV2_ARCHS["ViT-L/14 (DINOv2 architecture)"]}
+rank_shares = pd.concat([study.parameter_share_table(vit_l, r=r) for r in (48, R)], keys=[48, R], names=["r"])
+answer = None  # after running: the lora_pct of ViT-L/14 at r = R (a number, in percent)
+rank_shares[["model", "params_M", "lora_trainable_M", "lora_pct"]].round(3)
+
+# %% tags=["solution", "hide-cell"]
+# The adapters grow linearly in r and the frozen backbone does not change, so the share is close to
+# 48 / 8 = 6 times smaller: under 1 % at r = 8, the "less than 1 %" of the paper's claim.
+prediction = "about 5 % / 6, i.e. just under 1 %"
+answer = float(rank_shares.loc[R, "lora_pct"].iloc[0])
+
+# %% tags=["self-check"]
+teaching.check_in_range(float(rank_shares.loc[R, "lora_pct"].iloc[0]), 0.0, 100.0, "the LoRA share (percent)")
+teaching.check_number(answer, float(rank_shares.loc[R, "lora_pct"].iloc[0]), tol=0.05,
+                      what=f"the LoRA share of ViT-L/14 at r = {R} (percent)", prediction=prediction)
+
+# %%
+print(f"exercises of notebook 01: {time.perf_counter() - exercise_started:.1f} s")

@@ -39,6 +39,19 @@
 # calls. Our numbers are therefore **not** the paper's numbers: compare *shapes* (which arm wins,
 # where the gain grows), not values.
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can (1) set up a fair comparison of initialisations
+# (same architecture, data, recipe; verified weights; patient-grouped splits), (2) test a difference in
+# [AUROC](../docs/glossary.md#auroc) with a paired [bootstrap](../docs/glossary.md#bootstrap-ci) and correct for many tests with
+# [Benjamini-Hochberg](../docs/glossary.md#benjamini-hochberg), (3) read sensitivity / specificity at the
+# [Youden index](../docs/glossary.md#youden-index) threshold, and (4) read a data-size ablation.
+#
+# **Prerequisites.** Notebook 01 (or [full fine-tuning](../docs/glossary.md#full-fine-tuning), [macro AUROC](../docs/glossary.md#macro-auroc)
+# and [DINOv2](../docs/glossary.md#dinov2)); a p-value.
+#
+# **Time on a laptop** (2-core CPU): `smoke` 32 s measured with cold caches on 2 shared cores (the exercises add 2 s); `tiny` about 6.5 min (391 s in `reports/tiny/runs.json`).
+# Exercises: 2.1 a smaller training set, 2.2 paired vs unpaired bootstrap, 2.3 BH vs raw p.
+
 # %% tags=["parameters"]
 profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
 
@@ -224,3 +237,111 @@ claims.check_sanity(flags, p.name);
 
 # %%
 print(f"notebook 02 on profile {p.name}: {time.perf_counter() - started:.0f} s")
+
+# %% [markdown]
+# ## Exercises: predict, then run
+# Each exercise changes **one** thing in what this notebook did and reruns only that part, in seconds
+# on `smoke`. Write your prediction in `prediction` *before* you run the `exercise` cell, then fill in
+# `answer` from what it prints and run the `self-check` cell: it fails with a hint when `answer` does
+# not match the run. Predictions are not graded. The solutions are folded away on the site and
+# missing from the student edition (`make student`); terms are in the [glossary](../docs/glossary.md).
+
+# %%
+import pandas as pd
+
+from medlib import teaching
+
+ssl_arm = next(n for n in arms if study.arm_role(n) == "ssl_natural")
+sup_arm = next(n for n in arms if study.arm_role(n) == "sup_natural")
+exercise_started = time.perf_counter()
+print(f"SSL arm {ssl_arm}, supervised-natural arm {sup_arm}")
+
+# %% [markdown]
+# ### Exercise 2.1 - Shrink the training set: does the initialisation gap grow?
+# The paper finds the largest SSL gain on small data sets. Fine-tuning every arm again would take
+# minutes, so this exercise uses a cheap proxy: a logistic-regression probe on each arm's **frozen** CLS
+# features of the ablation site, trained on all of its train split or on a patient-grouped fraction of it
+# (the same draw for every arm). **Predict:** is the gap SSL minus supervised-natural *higher* or *lower*
+# at the smallest fraction than with the whole split?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: higher or lower at the small fraction, and why?
+fractions = (0.25, 1.0)  # the one change: a quarter of the train split beside all of it
+vit_arms = {n: arms[n] for n in (ssl_arm, sup_arm)}
+ds, split = datasets[ablation_name], splits[ablation_name]
+draws = {f: study.fraction_indices(ds, split["train"], f, seed=p.seed) for f in fractions}  # same draw for both arms
+size_probe = teaching.probe_auroc_vs_size(vit_arms, ds, split["test"], draws, image_size=p.backbone.image_size,
+                                          batch_size=p.eval.batch_size, device=device)
+gaps = teaching.gap_by_size(size_probe, ssl_arm, sup_arm)
+answer = None  # after running: "higher" or "lower" - the gap at the smallest fraction vs the whole split
+gaps.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# With fewer labels the probe leans harder on what the features already separate, so a better
+# initialisation should matter more: the paper's expectation is a *higher* gap at small fractions.
+# With a few dozen test images (and few training ones in `smoke`) the proxy is noisy, so read the
+# table: the answer is whatever the run shows.
+prediction = "higher: with fewer labels the better initialisation matters more"
+answer = teaching.direction(gaps["gap"].iloc[-1], gaps["gap"].iloc[0])
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.direction(gaps["gap"].iloc[-1], gaps["gap"].iloc[0]),
+                      what="the SSL - supervised gap at the smallest fraction (vs the whole split)",
+                      prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 2.2 - Paired or unpaired bootstrap?
+# The paper's tests resample the **same** test images for both models. Change that one thing: resample
+# each model independently, as if they had been tested on two different samples. **Predict:** is the
+# 95 % interval of the AUROC difference *higher* (wider) or *lower* (narrower) than the paired one?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: wider or narrower without pairing, and why?
+PAIRED = False  # the one change (the notebook's tests use paired=True)
+site = max(datasets, key=lambda name: len(splits[name]["test"]))
+ra, rb = grid.runs[(site, ssl_arm)], grid.runs[(site, sup_arm)]
+intervals = pd.DataFrame([teaching.delta_interval(ra.y_test, ra.test_proba, rb.test_proba,
+                                                  n_resamples=p.eval.bootstrap, seed=p.seed, paired=flag)
+                          for flag in (True, PAIRED)])
+answer = None  # after running: "higher" or "lower" - the width with PAIRED = False vs paired
+intervals.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# Both models find the same test images easy or hard, so their resampled AUROCs move together and the
+# paired difference cancels that shared noise: Var(a - b) = Var(a) + Var(b) - 2 Cov(a, b). Resampling
+# them independently drops the covariance term, so the unpaired interval is wider - and the paired test
+# is the more powerful one.
+prediction = "higher (wider): independent resamples lose the covariance of the two models"
+answer = teaching.direction(intervals["width"].iloc[0], intervals["width"].iloc[1])
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.direction(intervals["width"].iloc[0], intervals["width"].iloc[1]),
+                      what="the interval width without pairing (vs paired)", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 2.3 - Correct for multiple comparisons, or not
+# The macro rows of the bootstrap table carry a raw one-sided `p` and a Benjamini-Hochberg `q`
+# (corrected across data sets and comparisons). Change one thing: count the significant comparisons at
+# 0.05 with `q` instead of `p`. **Predict:** can the correction ever make *more* comparisons significant?
+# Then write in `answer` how many are significant with `q`.
+
+# %% tags=["exercise"]
+prediction = ""  # before running: more, fewer or the same number with q, and why?
+COLUMN = "q"  # the one change (try "p": the uncorrected count)
+significant = {col: teaching.count_significant(tests, col, alpha=0.05) for col in ("p", COLUMN)}
+answer = None  # after running: the number of macro comparisons with q < 0.05 (an integer)
+significant
+
+# %% tags=["solution", "hide-cell"]
+# Benjamini-Hochberg multiplies the i-th smallest of m p-values by m / i (then makes them monotone),
+# so q >= p for every comparison: the correction can only keep or lose significant results, never add
+# one. The count is read from the run.
+prediction = "the same or fewer: q is never below p"
+answer = significant[COLUMN]
+
+# %% tags=["self-check"]
+teaching.check_number(answer, teaching.count_significant(tests, "q"), tol=0,
+                      what="macro comparisons with q < 0.05", prediction=prediction)
+
+# %%
+print(f"exercises of notebook 02: {time.perf_counter() - exercise_started:.1f} s")

@@ -44,6 +44,18 @@
 # breast US, where the paper has no number)? How far apart are the folds? The notebook ends with
 # the paper's five claims judged on these numbers.
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can (1) explain continued [self-supervised](../docs/glossary.md#ssl)
+# pre-training on domain images ([DINO](../docs/glossary.md#dino) + [iBOT](../docs/glossary.md#ibot) + [KoLeo](../docs/glossary.md#koleo) losses) and
+# read its loss curves, (2) run a patient-grouped k-fold cross-validation with a hyper-parameter grid chosen
+# on validation, (3) compare arms with paired bootstrap intervals over folds, and (4) say why a kNN health
+# check against random init and a pixel model comes before any fine-tuning.
+#
+# **Prerequisites.** Notebooks 01 and 02; [RadImageNet](../docs/glossary.md#radimagenet); [AUROC](../docs/glossary.md#auroc).
+#
+# **Time on a laptop** (2-core CPU): `smoke` 99 s measured with cold caches on 2 shared cores (about 40 s warm; the exercises add 1 s); `tiny` about 15.5 min (936 s in `reports/tiny/runs.json`).
+# Exercises: 3.1 selection on test, 3.2 fewer folds, 3.3 another pair of arms.
+
 # %% tags=["parameters"]
 profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
 
@@ -300,3 +312,99 @@ Markdown(claims.findings_markdown(table, flags, p.name))
 # %%
 claims.check_sanity(flags, p.name)
 flags[["table", "model", "task", "score", "ci_low", "ci_high", "reference_value", "explained"]].round(3)
+
+# %% [markdown]
+# ## Exercises: predict, then run
+# Each exercise changes **one** thing in what this notebook did and reruns only that part, in seconds
+# on `smoke`. Write your prediction in `prediction` *before* you run the `exercise` cell, then fill in
+# `answer` from what it prints and run the `self-check` cell: it fails with a hint when `answer` does
+# not match the run. Predictions are not graded. The solutions are folded away on the site and
+# missing from the student edition (`make student`); terms are in the [glossary](../docs/glossary.md).
+
+# %%
+from medlib import teaching
+
+exercise_started = time.perf_counter()
+
+# %% [markdown]
+# ### Exercise 3.1 - Choose the grid setting on test instead of validation
+# Section 4 chose each model's learning rate (and batch size) on the mean **validation** AUROC and
+# reported test at that setting. Change one thing: choose on **test**. **Predict:** can the reported test
+# AUROC go down? Then write in `answer` by how much it goes up on average (mean `optimism` over tasks
+# and models).
+
+# %% tags=["exercise"]
+prediction = ""  # before running: up, down or unchanged, and why?
+CHOOSE_ON = "test_auroc"  # the one change (the notebook chooses on "val_auroc")
+optimism = teaching.selection_optimism(results)
+answer = None  # after running: the mean of the optimism column (a number)
+print(f"choosing on {CHOOSE_ON}: mean optimism {optimism['optimism'].mean():.4f} over {len(optimism)} (task, model)")
+optimism.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# Choosing on test picks the setting with the best test mean, so the reported test AUROC can only go up
+# (optimism >= 0): it is selection bias, the defect B5 of study 1's code. With one setting (the
+# `smoke` grid) there is nothing to choose and the optimism is 0; with more settings and noisier folds it
+# grows. Validation data are there so that the test set is scored once.
+prediction = "up or unchanged, never down: a maximum over settings is at least the chosen one"
+answer = float(optimism["optimism"].mean())
+
+# %% tags=["self-check"]
+teaching.check_in_range(float(optimism["optimism"].min()), 0.0, 1.0, "the smallest optimism")
+teaching.check_number(answer, float(teaching.selection_optimism(results)["optimism"].mean()), tol=0.001,
+                      what="the mean optimism of choosing on test", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 3.2 - Fewer folds
+# Table 1 averages `profile.eval.folds` folds. Change one thing: keep only the first half of the folds
+# (fewer test images behind each mean) and bootstrap again. **Predict:** are the 95 % intervals of the
+# arms' mean AUROC *higher* (wider) or *lower* (narrower) for most (task, arm)?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: wider or narrower, and why?
+N_FOLDS = max(1, p.eval.folds // 2)  # the one change (the notebook used every fold)
+kept = sorted(preds["fold"].unique())[:N_FOLDS]
+fewer_folds = study.arm_auroc_table(study.bootstrap_fold_auroc(preds[preds["fold"].isin(kept)], p.eval.bootstrap,
+                                                               seed=p.seed), models.arms)
+widths = teaching.interval_width_change(arm_table, fewer_folds, keys=["task", "arm"])
+answer = None  # after running: "higher" or "lower" - the interval width of most (task, arm) with fewer folds
+widths.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# Each fold's test part holds different patients; with half the folds the mean rests on half the test
+# images, so its bootstrap interval widens by roughly sqrt(2) - unless the folds disagree so much that
+# the mean over fewer of them happens to be steadier. Read the `ratio` column.
+prediction = "higher (wider): half the test images, roughly sqrt(2) wider"
+answer = teaching.majority_direction(widths)
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.majority_direction(widths),
+                      what="the interval width of most (task, arm) with fewer folds", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 3.3 - A different pair of arms
+# Section 6 compared the continued ViT with its natural parent. Change one thing: compare the
+# **medical-supervised CNN** with the **ImageNet CNN** (`study.MED` minus `study.IN`), the paper's RIN vs IN.
+# **Predict:** on how many of the four tasks does the medical CNN come out ahead? Then write the count
+# the run gives in `answer`.
+
+# %% tags=["exercise"]
+prediction = ""  # before running: how many tasks, and why?
+ARMS = (study.MED, study.IN)  # the one change (the notebook compared study.CONT with study.NAT)
+arm_delta = teaching.arm_difference(boot, *ARMS)
+answer = None  # after running: the number of tasks with delta > 0 (an integer)
+arm_delta.round(3)
+
+# %% tags=["solution", "hide-cell"]
+# Our medical CNN was pre-trained on phantom modality / anatomy classes, never on malignancy or tears,
+# and in Lange & Shekel's Table 1 RIN beats IN on some tasks only. Expect a mixed picture whose
+# intervals mostly include 0 at these sizes; the count is read from the run.
+prediction = "two of four: domain pre-training helps some tasks, and the folds are noisy"
+answer = int((arm_delta["delta"] > 0).sum())
+
+# %% tags=["self-check"]
+teaching.check_number(answer, int((teaching.arm_difference(boot, *ARMS)["delta"] > 0).sum()), tol=0,
+                      what=f"tasks where {ARMS[0]} beats {ARMS[1]}", prediction=prediction)
+
+# %%
+print(f"exercises of notebook 03: {time.perf_counter() - exercise_started:.1f} s")

@@ -38,6 +38,19 @@
 # (protocols.md lists them as UNKNOWN); each choice we made is marked *our assumption* where it
 # applies, and all of them are listed at the end.
 
+# %% [markdown]
+# **Learning goals.** After this notebook you can (1) describe a [latent diffusion](../docs/glossary.md#latent-diffusion)
+# model: a [VAE](../docs/glossary.md#vae), a UNet and a frozen encoder's global tokens ([register tokens](../docs/glossary.md#register-tokens)
+# included) as the condition, (2) sample with [classifier-free guidance](../docs/glossary.md#classifier-free-guidance) and
+# DPM-Solver++ / [DDIM](../docs/glossary.md#ddim), interpolate with [slerp](../docs/glossary.md#slerp), (3) judge generations with
+# [FID](../docs/glossary.md#fid), [KID](../docs/glossary.md#kid), FD_SSL and [PRDC](../docs/glossary.md#prdc), and check memorisation, and (4) test
+# synthetic images as augmentation and as zero-shot segmentation data.
+#
+# **Prerequisites.** Notebooks 00 and 01; [DINOv2](../docs/glossary.md#dinov2); what a diffusion model does (noise in, image out).
+#
+# **Time on a laptop** (2-core CPU): `smoke` 86 s measured with cold caches on 2 shared cores (about 40 s warm; the exercises add 3 s); `tiny` about 19 min with the committed LDM (1,155 s in
+# `reports/tiny/runs.json`). Exercises: 4.1 lerp vs slerp, 4.2 guidance 1 vs 4, 4.3 fewer sampling steps.
+
 # %% tags=["parameters"]
 profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
 
@@ -348,3 +361,106 @@ claims_lib.check_sanity(flags, p.name);
 # test images for Dice, over images for FD); the equivalence margin of claim 1 (half the real-vs-real floor);
 # mask transfer with a U-Net from scratch selected on synthetic pairs;
 # attention maps averaged over heads, layers and steps and thresholded by Otsu.
+
+# %% [markdown]
+# ## Exercises: predict, then run
+# Each exercise changes **one** thing in what this notebook did and reruns only that part, in seconds
+# on `smoke`. Write your prediction in `prediction` *before* you run the `exercise` cell, then fill in
+# `answer` from what it prints and run the `self-check` cell: it fails with a hint when `answer` does
+# not match the run. Predictions are not graded. The solutions are folded away on the site and
+# missing from the student edition (`make student`); terms are in the [glossary](../docs/glossary.md).
+# (`smoke` trains its LDM for a few steps: its images are noise, but the mechanics are the same.)
+
+# %%
+from medlib import teaching
+
+exercise_started = time.perf_counter()
+n_ex = min(3, len(data.heldout))
+
+# %% [markdown]
+# ### Exercise 4.1 - Linear instead of spherical interpolation
+# Section 3 interpolated the condition tokens with slerp. Change one thing: a straight line (lerp)
+# between the tokens of two held-out images. **Predict** the norm of the midpoint token relative to the
+# end points' norm (1 = the same length), then write the ratio the run gives in `answer`.
+
+# %% tags=["exercise"]
+prediction = ""  # before running: the lerp midpoint's norm / the end points' norm - about 1, or below?
+METHOD = "lerp"  # the one change (the notebook uses "slerp")
+ends = pipe.encode_condition(data.heldout[:2]).cpu()
+ratios = {method: teaching.midpoint_norm_ratio(ends[0], ends[1], method) for method in ("slerp", METHOD)}
+answer = None  # after running: the ratio for METHOD (a number)
+ratios
+
+# %% tags=["solution", "hide-cell"]
+# The midpoint of a straight line between two vectors that point in different directions is shorter
+# than either: |a + b| / 2 = |a| cos(theta / 2) for equal norms. Slerp keeps the norm (ratio 1), so the
+# UNet sees tokens of a familiar length all along the path; a lerp path dips towards the origin, which
+# is where the all-zero null condition of classifier-free guidance lives.
+prediction = "below 1: cos(theta / 2) of the angle between the two tokens"
+answer = ratios[METHOD]
+
+# %% tags=["self-check"]
+teaching.check_in_range(teaching.midpoint_norm_ratio(ends[0], ends[1], "lerp"), 0.0, 1.0 + 1e-6, "the lerp ratio")
+teaching.check_number(answer, teaching.midpoint_norm_ratio(ends[0], ends[1], METHOD), tol=0.01,
+                      what=f"the {METHOD} midpoint norm ratio", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 4.2 - Guidance 1 or 4
+# Generate several seeds from the same held-out image's tokens at guidance 1 (no guidance) and at a
+# higher scale, and measure how much the seeds differ (the std across seeds, in grey levels).
+# **Predict:** is the diversity *higher* or *lower* at the higher guidance?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: higher or lower diversity at guidance 4, and why?
+GUIDANCE = 4.0  # the one change (compared with 1.0; the notebook's default is diffusion.guidance_scale)
+diversity = {g: teaching.seed_diversity(study.reconstructions(pipe, data.heldout[:n_ex], p, seeds_per_image=3,
+                                                              guidance_scale=g, seed=p.seed))
+             for g in (1.0, GUIDANCE)}
+answer = None  # after running: "higher" or "lower" - the diversity at GUIDANCE vs at 1
+diversity
+
+# %% tags=["solution", "hide-cell"]
+# Classifier-free guidance extrapolates away from the unconditional prediction, pushing every seed
+# towards the images the condition makes most likely: fidelity up, diversity down (precision and density
+# up, recall and coverage down in section 4's sweep). An LDM that has learned little (`smoke`) need not
+# show it; read the run.
+prediction = "lower: guidance trades diversity for fidelity"
+answer = teaching.direction(diversity[1.0], diversity[GUIDANCE])
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.direction(diversity[1.0], diversity[GUIDANCE]),
+                      what=f"the seed diversity at guidance {GUIDANCE} (vs 1)", prediction=prediction)
+
+# %% [markdown]
+# ### Exercise 4.3 - Fewer sampling steps
+# The same noise, the same tokens, DPM-Solver++ with the profile's steps or with only 2. As a reference,
+# the sample with twice the profile's steps (closest to the exact solution of the sampling ODE).
+# **Predict:** is the 2-step image *higher* (farther) or *lower* (closer) in mean pixel distance to the
+# reference than the default-step image?
+
+# %% tags=["exercise"]
+prediction = ""  # before running: farther or closer with 2 steps, and why?
+STEPS = 2  # the one change (the notebook uses diffusion.num_inference_steps)
+def _sample(steps):
+    return study.reconstructions(pipe, data.heldout[:n_ex], p, seeds_per_image=1, num_inference_steps=steps,
+                                 seed=p.seed)
+reference = _sample(2 * cfg.num_inference_steps)
+distance = {steps: teaching.mean_abs_difference(_sample(steps), reference)
+            for steps in (cfg.num_inference_steps, STEPS)}
+answer = None  # after running: "higher" or "lower" - the distance at STEPS vs at the default steps
+distance
+
+# %% tags=["solution", "hide-cell"]
+# A sampler integrates an ODE from noise to image; fewer steps mean larger steps and a larger
+# discretisation error, so the 2-step image should land farther from the fine-step reference. DPM-Solver++
+# is a high-order solver: past about 20 steps the images barely change (section 4).
+prediction = "higher (farther): larger steps, larger discretisation error"
+answer = teaching.direction(distance[cfg.num_inference_steps], distance[STEPS])
+
+# %% tags=["self-check"]
+teaching.check_choice(answer, teaching.direction(distance[cfg.num_inference_steps], distance[STEPS]),
+                      what=f"the distance to the reference with {STEPS} steps (vs the default)",
+                      prediction=prediction)
+
+# %%
+print(f"exercises of notebook 04: {time.perf_counter() - exercise_started:.1f} s")
