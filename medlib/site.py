@@ -111,6 +111,34 @@ def quote_profile_values(markdown: str, profile: Profile) -> str:
     return PROFILE_FIELD.sub(value, markdown)
 
 
+def _explain_stop(nb: Any) -> None:
+    """Papermill's red "An Exception was encountered" banners become one plain note after the title, and a
+    target where the run stopped (the error itself stays in its cell)."""
+    banners = [c for c in nb.cells if "papermill-error-cell-tag" in c.get("metadata", {}).get("tags", [])]
+    if not banners:
+        return
+    error = next((o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"), None)
+    what = f"`{error['ename']}`" if error else "an error"
+    for cell in banners:
+        if "papermill-error-cell" in cell.source and "id=" in cell.source:
+            cell.source = "(papermill-error-cell)=\n**The run stopped at the next cell**, which raised the error shown under it."
+        else:
+            nb.cells.remove(cell)
+    note = nbformat_new_markdown(
+        "```{note}\nThis notebook's run stopped before its end: a cell raised " + what + " "
+        "([where it stopped](#papermill-error-cell)). The cells after it did not run on this profile, so their "
+        "outputs are absent; the error message says why the notebook stops there.\n```")
+    first_heading = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), -1)
+    nb.cells.insert(first_heading + 1, note)
+
+
+def nbformat_new_markdown(text: str) -> Any:
+    import nbformat
+
+    return nbformat.v4.new_markdown_cell(text)
+
+
 def clean_notebook(nb: Any, profile: str | Profile) -> Any:
     """An executed notebook as a reader should see it (in place; returns it).
 
@@ -119,6 +147,7 @@ def clean_notebook(nb: Any, profile: str | Profile) -> Any:
     quotes the profile's values instead of field names, and papermill's injected parameter cell is hidden.
     """
     p = get_profile(profile)
+    _explain_stop(nb)
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             cell.source = quote_profile_values(readable_paths(cell.source), p)

@@ -908,7 +908,9 @@ def sanity_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _role_colours(roles: Sequence[str]) -> dict[str, str]:
-    return {role: f"C{list(ROLES).index(role)}" for role in roles}
+    from ..reporting import model_colour  # one colour per model family in every figure
+
+    return {role: model_colour(role) for role in roles}
 
 
 def plot_auroc_by_dataset(metrics: pd.DataFrame, title: str):
@@ -934,7 +936,7 @@ def plot_auroc_by_dataset(metrics: pd.DataFrame, title: str):
     ax.set(title=title, xlabel="data set (test split)", ylabel="macro AUROC (bootstrap mean, 95 % CI)",
            xticks=range(len(datasets)), xticklabels=datasets)
     ax.tick_params(axis="x", labelrotation=15)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
@@ -961,7 +963,7 @@ def plot_ablation(table: pd.DataFrame, title: str):
     ax.set_xticklabels([f"{n}\n{f:.0%}" for n, f in table.groupby("n_train")["fraction"].first().items()],
                        fontsize=8)
     ax.minorticks_off()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
@@ -977,19 +979,19 @@ def plot_label_heatmap(labels: pd.DataFrame, title: str):
     columns = [(d, r) for d in datasets for r in roles if ((labels["dataset"] == d) & (labels["role"] == r)).any()]
     grid = labels.pivot_table(index="label", columns=["dataset", "role"], values="auroc", sort=False, dropna=False)
     grid = grid.reindex(index=list(dict.fromkeys(labels["label"])), columns=pd.MultiIndex.from_tuples(columns))
-    fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3.5, 0.36 * len(grid) + 2.2))
+    fig, ax = plt.subplots(figsize=(0.75 * len(columns) + 4.0, 0.45 * len(grid) + 2.6))
     sns.heatmap(grid.to_numpy(dtype=float), annot=True, fmt=".2f", vmin=0.3, vmax=1.0, cmap="viridis", ax=ax,
-                cbar_kws={"label": "test AUROC"}, annot_kws={"fontsize": 6})
+                cbar_kws={"label": "test AUROC"}, annot_kws={"fontsize": 8})
     ax.set_xticks(np.arange(len(columns)) + 0.5)
-    ax.set_xticklabels([ROLE_SHORT[r] for _, r in columns], rotation=90, fontsize=7)
+    ax.set_xticklabels([ROLE_SHORT[r] for _, r in columns], rotation=90, fontsize=9)
     ax.set_yticks(np.arange(len(grid)) + 0.5)
-    ax.set_yticklabels(grid.index, rotation=0, fontsize=7)
+    ax.set_yticklabels(grid.index, rotation=0, fontsize=9)
     starts = [i for i, (d, _) in enumerate(columns) if i == 0 or columns[i - 1][0] != d]
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else len(columns)
         if start:
             ax.axvline(start, color="white", linewidth=3)
-        ax.text((start + stop) / 2, -0.3, columns[start][0], ha="center", va="bottom", fontsize=8)
+        ax.text((start + stop) / 2, -0.3, columns[start][0], ha="center", va="bottom", fontsize=9)
     ax.grid(False)
     ax.set(xlabel="initialisation (grouped by data set)", ylabel="label")
     ax.set_title(title, pad=22)
