@@ -40,8 +40,9 @@ PROGRESS = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[|\d+(\.\d+)?\s*(it/s|s/it)\b
 WARNING_LINE = re.compile(r"^\S*:\d+: \w*Warning: ")
 #: an echoed list of paths, e.g. what save_figure returns as a cell's last expression
 PATH_ECHO = re.compile(r"^\s*\[?\s*((Posix|Windows)?Path\('[^']*'\),?\s*)+\]?\s*$", re.S)
-#: a float with more than four decimals (not part of a version, a hash or a longer number)
-LONG_FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{5,})(?![\w.])")
+#: a float printed with six or more decimals (pandas' default), not part of a version, a hash or an arXiv id
+LONG_FLOAT = re.compile(r"(?<![\w.])(-?\d+\.\d{6,})(?![\w.])")
+ANSI = re.compile(r"\x1b\[[\d;]*[A-Za-z]")
 #: a profile field named in prose: `profile.eval.knn_ks`
 PROFILE_FIELD = re.compile(r"`profile\.(\w+)\.(\w+)`")
 #: absolute paths that mean nothing off this machine (after the known prefixes are made relative)
@@ -173,7 +174,7 @@ def clean_notebook(nb: Any, profile: str | Profile) -> Any:
                         value = data[mime]
                         data[mime] = clean_text("".join(value) if isinstance(value, list) else value)
             elif out.get("output_type") == "error":
-                out["traceback"] = [readable_paths(line) for line in out.get("traceback", [])]
+                out["traceback"] = [readable_paths(ANSI.sub("", line)) for line in out.get("traceback", [])]
             outputs.append(out)
         cell["outputs"] = outputs
     return nb
