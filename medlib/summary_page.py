@@ -244,14 +244,14 @@ def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None, 
              "| notebook | status | wall time (s) | report |", "|---|---|---|---|"]
     for s in sections:
         target = report_link(s)
-        link = f"[{s.stem}]({target})" if target else "-"
+        link = f"[{s.stem if site or not s.html else s.html.name}]({target})" if target else "-"
         wall = f"{s.wall_time_s:.1f}" if isinstance(s.wall_time_s, (int, float)) else "-"
         lines.append(f"| {s.title} | {s.status} | {wall} | {link} |")
     for s in sections:
         target = report_link(s)
         lines += ["", f"## {s.title}", ""]
         if target:
-            lines += [f"Executed notebook: [{s.stem}]({target}).", ""]
+            lines += [f"Executed notebook: [{s.stem if site or not s.html else s.html.name}]({target}).", ""]
         if not s.tables and not s.figures:
             lines += ["No table with published figures and no figure for this profile yet.", ""]
         for table in s.tables:

@@ -1215,7 +1215,7 @@ def plot_segmentation(transfer: MaskTransferResult, n: int, title: str) -> Any:
             axes[2 + r, j].imshow(overlay_masks(transfer.test.images[j], transfer.predictions[m][j]))
     labels = ["synthetic + inherited mask", "real test + truth"] + methods
     for r, label in enumerate(labels):
-        axes[r, 0].set_ylabel(label if len(label) < 26 else label[:24] + "...", fontsize=7)
+        axes[r, 0].set_ylabel(label if len(label) < 26 else label[:24] + "...", fontsize=8)
     fig.suptitle(title)
     return fig
 
@@ -1263,7 +1263,7 @@ def plot_training_data(data: LDMData, per_site: int, title: str) -> Any:
         axes[r, 0].axis("on")
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
-        axes[r, 0].set_ylabel(cxr.SITES[site].name if site >= 0 else "source", fontsize=7)
+        axes[r, 0].set_ylabel(cxr.SITES[site].name if site >= 0 else "source", fontsize=8)
     fig.suptitle(title)
     return fig
 

@@ -947,7 +947,7 @@ def plot_seg_overlays(models: Mapping[str, nn.Module], ds: ImageSet, image_size:
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(size * len(columns), size * len(rows) + 0.5),
                              squeeze=False)
     for j, (label, masks) in enumerate(columns):
-        axes[0, j].set_title(label.replace(" + ", "\n+ "), fontsize=7)
+        axes[0, j].set_title(label.replace(" + ", "\n+ "), fontsize=8)
         for i in range(len(rows)):
             axes[i, j].imshow(overlay_masks(np.asarray(shown.images[i]), masks[i]))
             axes[i, j].axis("off")
