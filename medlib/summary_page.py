@@ -257,7 +257,7 @@ def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None, 
         for table in s.tables:
             md = table.with_suffix(".md")
             body = md.read_text(encoding="utf-8").strip() if md.is_file() else "(markdown version missing)"
-            lines += [f"### Table {table.stem}", "",
+            lines += [f"### {table.stem}", "",
                       f"Rounded for reading; full precision in [{table.name}]({table_link(table)}).", "",
                       body, ""]
         if s.figures:
