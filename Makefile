@@ -7,12 +7,14 @@ STAMP := $(VENV)/.setup-stamp
 KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: lock setup reproduce test test-fast bench lab sync notebooks student backbones ldm clean help
+#  site: the companion site (reports/<profile>/site) from the executed notebooks, offline
+.PHONY: lock setup reproduce site test test-fast bench lab sync notebooks student backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
 	@echo "make test                                      unit + integration + nbval tests"
 	@echo "make student                                   the notebooks without solutions -> build/student/"
+	@echo "make site [PROFILE=tiny]                       the companion site -> reports/<profile>/site/index.html"
 	@echo "make setup | lock | bench | lab | sync | backbones | ldm | clean"
 
 # lock: pin every package (with hashes) from pyproject.toml; commit pylock.toml and requirements.lock
@@ -35,7 +37,11 @@ $(STAMP): pyproject.toml pylock.toml requirements.lock
 	touch $(STAMP)
 
 reproduce: setup
-	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) $(if $(FORCE),--force,)
+	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) --site $(if $(FORCE),--force,)
+
+# the rendered companion site: executed notebooks, summary, tables, benchmark and docs/ pages (nothing re-run)
+site: setup
+	$(PY) -m medlib.site build --profile $(PROFILE)
 
 # nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
 NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports

@@ -77,7 +77,7 @@ class SSLConfig:
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     freeze_last_layer_steps: int = 100  # first epoch
-    vertical_flip: bool = False  # seed 001 adds vertical flips on domain images
+    vertical_flip: bool = False  # Lange & Shekel 2024 adds vertical flips on domain images
     grayscale_p: float = 0.2  # probability of a grey view (DINOv2: 0.2)
     checkpoint_every: int = 200
 
@@ -100,28 +100,28 @@ class EvalConfig:
     logreg_n_c: int = 45  # C values of the logistic-regression probe, 10**linspace(-6, 5, n) (official: 45)
     seg_images: int = 0  # images per segmentation data set (0 = all of data.n_per_dataset)
     seg_repeats: int = 3  # seeded repeats of each few-shot segmentation size
-    seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (seed 002)
-    seg_batch_size: int = 8  # segmentation batch (not given by seed 002; small batches give more steps)
+    seg_lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # segmentation-head lr grid, chosen on val (Baharoon et al. 2023)
+    seg_batch_size: int = 8  # segmentation batch (not given by Baharoon et al. 2023; small batches give more steps)
     # our assumption: a frozen linear head trains at least this many optimiser steps (epochs raised to reach it);
     # the paper's 10 epochs over thousands of 448 px images are thousands of steps, 15 epochs over 58 images are 120
     seg_head_min_steps: int = 0
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
-    # study 2 (seed 003): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values
+    # study 2 (Tayebi Arasteh et al. 2023): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values
     init_arms: tuple[str, ...] = ("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "sup-cxr-vit-tiny",
                                   "efficientnet-lite0.in1k")  # SSL natural, sup. natural, sup. medical, CNN ref.
     init_sites: tuple[int, ...] = (0, 1, 2, 3, 4)  # chest phantom sites = the paper's data sets (never site 5)
     init_images: tuple[int, ...] = (1500, 6000, 3000, 4000, 5000)  # phantom images per site (sizes differ)
-    init_epochs: int = 100  # seed 003: 100 epochs, AdamW, no weight decay
-    init_batch_size: int = 30  # seed 003: batch ~30
-    init_lr: float = 1e-5  # backbone learning rate (seed 003)
-    init_head_lr: float = 1e-5  # head learning rate (seed 003: one rate for the whole network)
+    init_epochs: int = 100  # Tayebi Arasteh et al. 2023: 100 epochs, AdamW, no weight decay
+    init_batch_size: int = 30  # Tayebi Arasteh et al. 2023: batch ~30
+    init_lr: float = 1e-5  # backbone learning rate (Tayebi Arasteh et al. 2023)
+    init_head_lr: float = 1e-5  # head learning rate (Tayebi Arasteh et al. 2023: one rate for the whole network)
     init_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # data-size ablation (our assumption)
     init_ablation_site: int = 1  # the site whose train split is subsampled
-    # study 3 (seed 001): 5-fold cross-validated fine-tuning grid (medlib.studies.radimagenet_ssl_continuation); paper values as defaults
+    # study 3 (Lange & Shekel 2024): 5-fold cross-validated fine-tuning grid (medlib.studies.radimagenet_ssl_continuation); paper values as defaults
     cv_images: int = 0  # images per evaluation task (0 = data.n_per_dataset)
     cv_epochs: int = 30  # fine-tuning epochs per fold (best val-loss epoch restored)
-    cv_lrs: tuple[float, ...] = (1e-5, 1e-6)  # learning-rate grid (seed 001)
-    cv_batch_sizes: tuple[int, ...] = (8, 16, 32)  # batch-size grid (seed 001)
+    cv_lrs: tuple[float, ...] = (1e-5, 1e-6)  # learning-rate grid (Lange & Shekel 2024)
+    cv_batch_sizes: tuple[int, ...] = (8, 16, 32)  # batch-size grid (Lange & Shekel 2024)
     cv_imagenet_cnn: str = "efficientnet-lite0.in1k"  # the "IN" baseline (paper: ResNet-50 ImageNet)
     cv_medical_cnn: str = ""  # the "RIN" baseline; "" = build the medical-supervised CNN stand-in
     cv_medical_images: int = 400  # images per phantom family to pre-train the stand-in on
@@ -130,15 +130,15 @@ class EvalConfig:
     cv_continued_suffix: str = "vit-tiny"  # continued SSL ViTs are ssl-us-<suffix> / ssl-knee-<suffix>
     cv_ssl_fallback_steps: int = 0  # cap on the steps of a continuation run here when weights are missing (0 = recipe)
     # share of ssl.steps a continuation runs (None = the recipe's steps_fraction, 0.34). `paper` sets 1.0: its ssl
-    # section is seed 001's continuation itself (100 epochs x 100 iterations)
+    # section is Lange & Shekel 2024's continuation itself (100 epochs x 100 iterations)
     cv_ssl_steps_fraction: float | None = None
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """DiNO-Diffusion (seed 000) sizes: LDM data, VAE, UNet, training, sampling and notebook 04's evaluations.
+    """DiNO-Diffusion (Jimenez-Perez et al. 2024) sizes: LDM data, VAE, UNet, training, sampling and notebook 04's evaluations.
 
-    The paper gives none of these (protocols.md, seed 000: UNKNOWN); every value is our assumption,
+    The paper gives none of these (protocols.md, Jimenez-Perez et al. 2024: UNKNOWN); every value is our assumption,
     scaled to the profile. Fields in ``medlib.diffusion.build.TRAIN_FIELDS`` shape the weights (recipe hash).
     """
 

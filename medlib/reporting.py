@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,14 +18,83 @@ MASK_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"
                 "#fabed4", "#469990", "#dcbeff")
 
 
+#: the smallest font a figure may use (points); :func:`figure_lint` measures it
+MIN_FONT_PT = 8.0
+
+#: One colour per model family, the same in every figure (Okabe-Ito colour-blind-safe hues). A name is matched
+#: against the patterns in order; the first match gives its colour. Our stand-ins and the roles they play share
+#: a family: ``ssl-natural-vit-tiny`` and the study-3 arm "SSL-natural" are one model.
+MODEL_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    (r"domain ssl|ssl-(us|knee|cxr|ct|mri|med\w*)-vit|continued", "SSL continued on domain images", "#D55E00"),
+    (r"ssl[-_ ]?nat", "SSL on natural images", "#0072B2"),
+    (r"random", "random initialisation", "#7F7F7F"),
+    (r"sup[-_ ]?nat", "supervised on natural images", "#E69F00"),
+    (r"sup[-_ ]?med|sup-cxr|medical|radimagenet", "supervised on medical images", "#CC79A7"),
+    (r"efficientnet|^in$|cnn[-_ ]reference|imagenet cnn", "ImageNet CNN", "#009E73"),
+    (r"u-?net from scratch|scratch", "trained from scratch", "#56B4E9"),
+)
+#: published models (the papers' own), each its own colour, kept apart from the stand-ins' hues
+PUBLISHED_COLOURS: dict[str, str] = {
+    "dinov2": "#332288", "vit-l/16 in-21k": "#882255", "densenet-201": "#117733", "resnet-152": "#44AA99",
+    "vgg-19": "#999933", "radimagenet": "#AA4499",
+}
+_FALLBACK_COLOURS = ("#661100", "#6699CC", "#888888", "#DDCC77", "#AA4466", "#4477AA")
+
+
+def model_key(label: str) -> str:
+    """The model a legend label names: the text before a parenthesis or " + " (``"x (mean, 95% CI)"`` -> ``x``)."""
+    return re.split(r"\s+\(|\s+\+\s+(?!domain)", str(label).strip(), maxsplit=1)[0].strip()
+
+
+def model_family(name: str) -> str | None:
+    """The family of a model name (see :data:`MODEL_FAMILIES`), ``"published"`` for a paper's model, or None."""
+    low = str(name).strip().lower()
+    if "published" in low or any(low.startswith(k) for k in PUBLISHED_COLOURS):
+        return "published"
+    for pattern, family, _ in MODEL_FAMILIES:
+        if re.search(pattern, low):
+            return family
+    return None
+
+
+def model_colour(name: str) -> str:
+    """The colour of a model in every figure: its family's (:data:`MODEL_FAMILIES`), a published model's own
+    (:data:`PUBLISHED_COLOURS`), else a colour fixed by the name's hash."""
+    low = str(name).strip().lower()
+    for prefix, colour in PUBLISHED_COLOURS.items():
+        if low.startswith(prefix):
+            return colour
+    for pattern, _, colour in MODEL_FAMILIES:
+        if re.search(pattern, low):
+            return colour
+    digest = int(hashlib.sha256(low.encode()).hexdigest(), 16)
+    return _FALLBACK_COLOURS[digest % len(_FALLBACK_COLOURS)]
+
+
+def legend_outside(ax: Any, where: str = "right", **kwargs: Any) -> Any:
+    """A legend beside (``"right"``) or under (``"below"``) the axes, never over the data."""
+    style = {"fontsize": 9, "frameon": False, "borderaxespad": 0.0}
+    if where == "below":
+        style.update(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=kwargs.pop("ncol", 2))
+    else:
+        style.update(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    style.update(kwargs)
+    return ax.legend(**style)
+
+
 def set_style() -> None:
-    """The companion's figure style: seaborn whitegrid, readable fonts, tight layout."""
+    """The companion's figure style (seaborn whitegrid, fonts of at least 8 pt, constrained layout) and table
+    display (three decimals, long cells shown whole; the csv files keep full precision)."""
     import matplotlib as mpl
     import seaborn as sns
 
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     mpl.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "figure.constrained_layout.use": True,
-                         "axes.titleweight": "bold", "image.cmap": "gray"})
+                         "axes.titleweight": "bold", "image.cmap": "gray", "legend.fontsize": 9,
+                         "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.labelsize": 10})
+    pd.set_option("display.precision", 3)
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.width", 200)
 
 
 def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str, ...] | None = None,
@@ -44,9 +115,89 @@ def save_figure(fig: Any, name: str, profile: str | Profile, formats: tuple[str,
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, bbox_inches="tight")
         paths.append(path)
-    save_json(stem.with_suffix(".json"), provenance(profile=profile_name, figure=name, texts=figure_texts(fig),
+    save_json(stem.with_suffix(".json"), provenance(profile=profile_name, figure=name, title=figure_title(fig),
+                                                    texts=figure_texts(fig), lint=figure_lint(fig),
                                                     **provenance_extra))
     return paths
+
+
+def figure_title(fig: Any) -> str:
+    """The figure's caption-worthy title: its suptitle, else the first axes title."""
+    if fig.get_suptitle():
+        return fig.get_suptitle().strip()
+    return next((ax.get_title().strip() for ax in fig.axes if ax.get_title().strip()), "")
+
+
+def _boxes_overlap(a: Any, b: Any, pad: float = 0.5) -> bool:
+    return a.x0 + pad < b.x1 and b.x0 + pad < a.x1 and a.y0 + pad < b.y1 and b.y0 + pad < a.y1
+
+
+def figure_lint(fig: Any) -> dict[str, Any]:
+    """What a reader's eye checks, measured on the drawn figure (save_figure stores it in the provenance record):
+    the smallest font, axes that plot data without axis labels, legends drawn over data points, overlapping
+    tick labels and texts, and the colour of each model named in a legend (see :func:`model_colour`)."""
+    import matplotlib.colors as mcolors
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    sizes, unlabelled, legends_over_data, overlaps, colours = [], [], [], [], {}
+    texts = list(fig.texts) + ([fig._suptitle] if getattr(fig, "_suptitle", None) else [])
+    for legend in fig.legends:
+        texts += list(legend.get_texts())
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
+        is_colorbar = hasattr(ax, "_colorbar") or ax.get_label() == "<colorbar>"
+        ticks = [t for t in (*ax.get_xticklabels(), *ax.get_yticklabels()) if t.get_visible() and t.get_text()]
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts, *ticks]
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += list(legend.get_texts())
+            for handle, text in zip(legend.legend_handles, legend.get_texts()):
+                colour = None
+                for getter in ("get_color", "get_facecolor", "get_edgecolor"):
+                    if hasattr(handle, getter):
+                        value = getattr(handle, getter)()
+                        value = value[0] if hasattr(value, "__len__") and len(value) and not isinstance(value, str) \
+                            and hasattr(value[0], "__len__") else value
+                        try:
+                            colour = mcolors.to_hex(value)
+                            break
+                        except (ValueError, TypeError):
+                            continue
+                if colour and model_family(model_key(text.get_text())) is not None:
+                    colours[model_key(text.get_text())] = colour
+            box = legend.get_window_extent(renderer)
+            points = []
+            for line in ax.get_lines():
+                xy = line.get_xydata()
+                if len(xy):
+                    points.append(ax.transData.transform(xy))
+            for coll in ax.collections:
+                offsets = coll.get_offsets()
+                if len(offsets) and coll.get_offset_transform() is ax.transData:
+                    points.append(ax.transData.transform(offsets))
+            inside = ax.bbox
+            if points and box.overlaps(inside):
+                pts = np.concatenate(points)
+                pts = pts[np.isfinite(pts).all(axis=1)]
+                if len(pts) and ((pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0)
+                                 & (pts[:, 1] <= box.y1)).any():
+                    legends_over_data.append(i)
+        has_data = bool(ax.get_lines() or ax.collections or ax.patches) and not ax.get_images()
+        if has_data and not is_colorbar and not (ax.get_xlabel() or ax.get_ylabel() or ax.get_title()):
+            unlabelled.append(i)
+        labels = [t for t in (*ticks, *ax.texts) if t.get_visible() and t.get_text().strip()]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for a in range(len(boxes)):
+            for b in range(a + 1, len(boxes)):
+                if _boxes_overlap(boxes[a], boxes[b]):
+                    overlaps.append(f"{labels[a].get_text()!r} / {labels[b].get_text()!r}")
+    for table in [c for ax in fig.axes for c in ax.get_children() if type(c).__name__ == "Table"]:
+        sizes += [cell.get_text().get_fontsize() for cell in table.get_celld().values()]
+    sizes += [t.get_fontsize() for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
+    return {"min_font_pt": float(min(sizes)) if sizes else None, "unlabelled_axes": unlabelled,
+            "legends_over_data": legends_over_data, "overlapping_texts": overlaps[:20], "model_colours": colours}
 
 
 def figure_texts(fig: Any) -> list[str]:

@@ -92,8 +92,10 @@ def discover_notebooks(folder: Path | None = None, only: list[str] | None = None
     return paths
 
 
-# Headless runs write stderr into the rendered report: text progress bars there are noise for a reader.
-HEADLESS = {"MEDLIB_PROGRESS": "0"}
+# Headless runs write stderr into the rendered report: text progress bars and import-time warnings there are
+# noise for a reader. tqdm honours TQDM_DISABLE; the "IProgress not found" TqdmWarning comes from tqdm.auto.
+HEADLESS = {"MEDLIB_PROGRESS": "0", "TQDM_DISABLE": "1",
+            "PYTHONWARNINGS": "ignore:IProgress not found,ignore::DeprecationWarning,ignore::FutureWarning"}
 
 
 @contextmanager
@@ -239,11 +241,12 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
 
 
 def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
-              keep_going: bool = False, force: bool = False) -> list[NotebookRun]:
+              keep_going: bool = False, force: bool = False, site: bool = False) -> list[NotebookRun]:
     """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``.
 
     A notebook whose inputs (:func:`inputs_fingerprint`) are those of its last successful run is not
     executed again: its report is reused and the records say so. ``force`` re-executes everything.
+    ``site`` also builds the companion site (:mod:`medlib.site`) at the end.
     """
     get_profile(profile)  # validate early
     for name in mark_killed_runs(profile):
@@ -278,6 +281,13 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
     from .summary_page import write_summary  # the cross-study page a reader opens first
 
     print(f"[reproduce:{profile}] summary -> {write_summary(profile)}", flush=True)
+    if site and any((reports_dir(profile)).glob("[0-9][0-9]_*.ipynb")):
+        from .site import build as build_site  # the companion site: notebooks, summary, tables, docs pages
+
+        try:
+            print(f"[reproduce:{profile}] site -> {build_site(profile)}", flush=True)
+        except (ImportError, RuntimeError, FileNotFoundError) as err:  # the reports stand without the site
+            print(f"[reproduce:{profile}] site not built: {err}", file=sys.stderr, flush=True)
     return runs
 
 
@@ -329,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="notebook numbers or name prefixes, e.g. 00 01")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     parser.add_argument("--force", action="store_true", help="re-execute notebooks whose inputs did not change")
+    parser.add_argument("--site", action="store_true",
+                        help="then build the companion site reports/<profile>/site (python -m medlib.site build)")
     parser.add_argument("--refresh-committed", action="store_true",
                         help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
     args = parser.parse_args(argv)
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in discover_notebooks(only=args.only):
             print(f"[refresh] {path.stem} on {args.profile} -> {refresh_committed(path, args.profile, args.kernel)}")
         return 0
-    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force)
+    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force, site=args.site)
     failed = [r for r in runs if r.status != "ok"]
     for r in failed:
         print(f"FAILED {r.notebook}: {r.error} (partial notebook: {r.output})", file=sys.stderr)

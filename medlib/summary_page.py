@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cache import atomic_path, git_commit
+from .cache import atomic_path
 from .config import Profile, figures_dir, get_profile, repo_root, reports_dir
 
 #: a column of published figures: "published" / "paper" (as reporting.paper_vs_ours writes), or "... (published)"
@@ -143,14 +143,16 @@ def _fmt_effect(x: object) -> str:
     return "-" if v != v else f"{v:+.3f}"
 
 
-def scoreboard_markdown(profile: str | Profile, sections: list[StudySection] | None = None) -> list[str]:
+def scoreboard_markdown(profile: str | Profile, sections: list[StudySection] | None = None,
+                        report_link=None) -> list[str]:
     """The scoreboard: every claim of every study's ``NN_claims.csv`` with its verdict and interval, and the
     sanity flags of ``NN_sanity_flags.csv`` in bold, each linked to its notebook."""
     p = get_profile(profile)
     out_dir = reports_dir(p)
     tables = out_dir / "tables"
     sections = sections if sections is not None else collect_sections(p)
-    links = {s.number: (f"[{s.number}]({_rel(s.html, out_dir)})" if s.html else s.number) for s in sections}
+    report_link = report_link or (lambda s: _rel(s.html, out_dir) if s.html else None)
+    links = {s.number: (f"[{s.number}]({report_link(s)})" if report_link(s) else s.number) for s in sections}
     rows, flag_lines = [], []
     for path in sorted(tables.glob("[0-9][0-9]_claims.csv")) if tables.is_dir() else []:
         frame = pd.read_csv(path)
@@ -185,47 +187,125 @@ def scoreboard_markdown(profile: str | Profile, sections: list[StudySection] | N
     return lines
 
 
-def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None) -> str:
-    """The summary page as markdown (see the module docstring for what it holds)."""
+def figure_caption(png: Path) -> str:
+    """A figure's caption: its title from the provenance record ``save_figure`` wrote, else its file name."""
+    record = png.with_suffix(".json")
+    try:
+        data = json.loads(record.read_text()) if record.is_file() else {}
+    except json.JSONDecodeError:
+        data = {}
+    title = data.get("title") or next(iter(data.get("texts") or []), "")
+    return str(title).strip() or png.stem
+
+
+def _profile_box(p: Profile) -> list[str]:
+    embedded = p.name != "paper"
+    return [f'<div class="profile"><b>Profile <code>{p.name}</code></b>: {html.escape(p.description)}. '
+            f"Seed {p.seed}; backbones at {p.backbone.image_size} px; data: "
+            + ("procedural phantoms and self-trained stand-in backbones (embedded), so the <i>ours</i> columns "
+               "are <b>not</b> reproductions of the papers' numbers: compare which method wins and how curves "
+               "move, not levels." if embedded else
+               "the real data sets and weights named in the profile's sources.") + "</div>", ""]
+
+
+def _run_commits(p: Profile) -> str:
+    """One sentence naming the code version(s) the notebooks ran at (from ``runs.json``)."""
+    commits = sorted({str(r.get("git_commit", "")) for r in _runs(p).values()} - {""})
+    if not commits:
+        return ""
+    named = ", ".join(f"`{c.replace('+dirty', '')}`" + (" (with uncommitted changes)" if c.endswith("+dirty") else "")
+                      for c in commits)
+    return (f"The notebooks ran at commit {named}." if len(commits) == 1 else
+            f"The notebooks ran at {len(commits)} code versions: {named}; `runs.json` records each notebook's.")
+
+
+def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None, *,
+                     report_link=None, figure_path=None, table_link=None, caption=None,
+                     site: bool = False) -> str:
+    """The summary page as markdown (see the module docstring for what it holds).
+
+    The link functions say where a notebook's report (``report_link(section)``), a figure
+    (``figure_path(png)``) and a table's csv (``table_link(csv)``) are found from the page; the defaults
+    suit ``reports/<profile>/summary.md``. ``site`` writes MyST figures with captions (the companion site).
+    """
     p = get_profile(profile)
     out_dir = reports_dir(p)
     sections = collect_sections(p, notebooks_dir)
-    embedded = p.name != "paper"
-    lines = [f"# Summary of the four studies - profile `{p.name}`", "",
-             f'<div class="profile"><b>Profile <code>{p.name}</code></b>: {html.escape(p.description)}. '
-             f"Seed {p.seed}; backbones at {p.backbone.image_size} px; data: "
-             + ("procedural phantoms and self-trained stand-in backbones (embedded), so the <i>ours</i> columns "
-                "are <b>not</b> reproductions of the papers' numbers: compare which method wins and how curves "
-                "move, not levels." if embedded else
-                "the real data sets and weights named in the profile's sources.")
-             + f" Commit <code>{git_commit()}</code>, written {time.strftime('%Y-%m-%d %H:%M')}.</div>", "",
+    report_link = report_link or (lambda s: _rel(s.html, out_dir) if s.html else None)
+    figure_path = figure_path or (lambda png: _rel(png, out_dir))
+    table_link = table_link or (lambda csv: _rel(csv, out_dir))
+    caption = caption or figure_caption
+    lines = [f"# Summary of the four studies - profile `{p.name}`", "", *_profile_box(p),
              "Each table below sets our figure (`ours`) beside the published one (`published`), measured on the "
-             "profile above. Each figure links to the executed notebook that made it.", "",
-             *scoreboard_markdown(p, sections),
+             "profile above. Each figure links to the executed notebook that made it. "
+             + _run_commits(p) + f" Page written {time.strftime('%Y-%m-%d')}.", "",
+             *scoreboard_markdown(p, sections, report_link=report_link),
              "## The notebooks", "",
              "| notebook | status | wall time (s) | report |", "|---|---|---|---|"]
     for s in sections:
-        link = f"[{s.html.name}]({_rel(s.html, out_dir)})" if s.html else "-"
+        target = report_link(s)
+        link = f"[{s.stem if site or not s.html else s.html.name}]({target})" if target else "-"
         wall = f"{s.wall_time_s:.1f}" if isinstance(s.wall_time_s, (int, float)) else "-"
         lines.append(f"| {s.title} | {s.status} | {wall} | {link} |")
     for s in sections:
+        target = report_link(s)
         lines += ["", f"## {s.title}", ""]
-        if s.html:
-            lines += [f"Executed notebook: [{s.html.name}]({_rel(s.html, out_dir)}).", ""]
+        if target:
+            lines += [f"Executed notebook: [{s.stem if site or not s.html else s.html.name}]({target}).", ""]
         if not s.tables and not s.figures:
             lines += ["No table with published figures and no figure for this profile yet.", ""]
         for table in s.tables:
             md = table.with_suffix(".md")
             body = md.read_text(encoding="utf-8").strip() if md.is_file() else "(markdown version missing)"
-            lines += [f"### {table.stem}", "", f"Table [{md.name}]({_rel(md, out_dir)}), profile `{p.name}`.", "",
+            lines += [f"### {table.stem}", "",
+                      f"Rounded for reading; full precision in [{table.name}]({table_link(table)}).", "",
                       body, ""]
         if s.figures:
             lines += ["### Figures", ""]
             for fig in s.figures:
-                target = _rel(s.html, out_dir) if s.html else _rel(fig, out_dir)
-                lines += [f"[![{fig.stem}]({_rel(fig, out_dir)})]({target})", "", f"*{fig.stem}*", ""]
+                text = caption(fig)
+                if site:
+                    lines += [f"```{{figure}} {figure_path(fig)}", f":alt: {text}", f":name: fig-{fig.stem}", "",
+                              f"{text}. " + (f"Made by [notebook {s.number}]({target})." if target else ""),
+                              "```", ""]
+                else:
+                    link = target or figure_path(fig)
+                    lines += [f"[![{text}]({figure_path(fig)})]({link})", "", f"*Figure: {text}.*", ""]
         if s.assumptions:
             lines += ["### Assumptions stated in the notebook", "", s.assumptions, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def site_summary_markdown(profile: str | Profile, notebook_doc, figure_path, caption=None,
+                          notebooks_dir: Path | None = None) -> str:
+    """The summary page for the companion site: notebook links go to ``notebook_doc(stem)``, figures are
+    captioned MyST figures at ``figure_path(png)``, tables link their csv under ``tables/``."""
+    return summary_markdown(profile, notebooks_dir, site=True,
+                            report_link=lambda s: notebook_doc(s.stem) if s.html or s.stem[:2].isdigit() else None,
+                            figure_path=figure_path, table_link=lambda csv: f"tables/{csv.name}",
+                            caption=caption)
+
+
+def tables_markdown(profile: str | Profile, csv_path, notebook_doc) -> str:
+    """Every table of the profile, notebook by notebook, rounded for reading, each with its csv download."""
+    p = get_profile(profile)
+    tables_dir = reports_dir(p) / "tables"
+    notebooks = {path.stem[:2]: path.stem for path in sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.py"))}
+    lines = [f"# Every table - profile `{p.name}`", "",
+             "The tables each notebook wrote, rounded for reading. Each links its csv, which keeps full "
+             "precision; the rounded versions are what the notebooks show.", ""]
+    current = None
+    for csv in sorted(tables_dir.glob("[0-9][0-9]_*.csv")) if tables_dir.is_dir() else []:
+        number = csv.name[:2]
+        if number != current:
+            current = number
+            stem = notebooks.get(number)
+            lines += [f"## Notebook {number}", ""]
+            if stem:
+                lines += [f"From [{stem}]({notebook_doc(stem)}).", ""]
+        md = csv.with_suffix(".md")
+        body = md.read_text(encoding="utf-8").strip() if md.is_file() else ""
+        lines += [f"### {csv.stem}", "", f"Download [{csv.name}]({csv_path(csv)}).", "", body, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -256,5 +336,6 @@ def write_summary(profile: str | Profile, notebooks_dir: Path | None = None) -> 
     return out
 
 
-__all__ = ["StudySection", "collect_sections", "has_paper_column", "notebook_assumptions", "notebook_title",
-           "render_markdown", "scoreboard_markdown", "summary_markdown", "write_summary"]
+__all__ = ["StudySection", "collect_sections", "figure_caption", "has_paper_column", "notebook_assumptions",
+           "notebook_title", "render_markdown", "scoreboard_markdown", "site_summary_markdown", "summary_markdown",
+           "tables_markdown", "write_summary"]

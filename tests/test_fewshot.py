@@ -1,4 +1,4 @@
-"""Few-shot runner: draws from train only, seeded repeats with intervals, seed 002's single draw."""
+"""Few-shot runner: draws from train only, seeded repeats with intervals, Baharoon et al. 2023's single draw."""
 
 import numpy as np
 import pandas as pd

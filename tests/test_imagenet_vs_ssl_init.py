@@ -1,4 +1,4 @@
-"""Study 2 (seed 003): arms, pre-training overlap, the fine-tuning run, its cache, the tables and the two defects."""
+"""Study 2 (Tayebi Arasteh et al. 2023): arms, pre-training overlap, the fine-tuning run, its cache, the tables and the two defects."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_three_arms_start_from_different_weights_of_their_own_names(arms):
 
 def test_natural_arm_loaded_with_the_medical_checkpoint_is_refused(arms):
     medical_file = arms["sup-cxr-vit-tiny"].weights_path
-    impostor = create_backbone("sup-natural-vit-tiny", weights=medical_file, image_size=32)  # seed 003's defect
+    impostor = create_backbone("sup-natural-vit-tiny", weights=medical_file, image_size=32)  # Tayebi Arasteh et al.'s defect
     with pytest.raises(ValueError, match="resolves to"):
         init.verify_arms({"ssl-natural-vit-tiny": arms["ssl-natural-vit-tiny"], "sup-natural-vit-tiny": impostor})
 
@@ -186,7 +186,7 @@ def test_splits_that_let_test_images_into_selection_are_refused(tiny_vit, chest)
     ds, split = chest
     cfg = FinetuneConfig(epochs=1, batch_size=8)
     with pytest.raises(ValueError, match="share"):
-        init.finetune_run(tiny_vit, ds, {**split, "val": split["test"]}, cfg, cache=False)  # seed 003's defect
+        init.finetune_run(tiny_vit, ds, {**split, "val": split["test"]}, cfg, cache=False)  # Tayebi Arasteh et al.'s defect
     with pytest.raises(ValueError, match="validation split is empty"):
         init.finetune_run(tiny_vit, ds, {**split, "val": np.array([], dtype=int)}, cfg, cache=False)
     with pytest.raises(ValueError, match="lacks"):

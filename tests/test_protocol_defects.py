@@ -1,4 +1,4 @@
-"""One test per defect of seed 002's code (protocols.md, B1-B7): each fails if we made the same mistake."""
+"""One test per defect of Baharoon et al. 2023's code (protocols.md, B1-B7): each fails if we made the same mistake."""
 
 import inspect
 
@@ -43,7 +43,7 @@ def _params(module):
 
 
 def test_b1_text_false_keeps_the_backbone_frozen(knee, smoke_backbone):
-    assert bool("False") is True  # the trap seed 002 fell into
+    assert bool("False") is True  # the trap Baharoon et al. 2023 fell into
     assert parse_bool("False") is False and parse_bool("false") is False
     ds, split = knee
     mode, cfg = config_from_text({"finetune": "False", "lora": "False", "bitfit": "False", "epochs": "1",

@@ -1,4 +1,4 @@
-"""Study 3 runner: grouped folds, seed 001's head and augmentation, best-epoch restore, caching, tables."""
+"""Study 3 runner: grouped folds, Lange & Shekel 2024's head and augmentation, best-epoch restore, caching, tables."""
 
 import numpy as np
 import pandas as pd
@@ -33,13 +33,13 @@ def _tiny_classifier():
     return Classifier(backbone, nn.Linear(16, 1))
 
 
-# ----------------------------------------------------------------- best epoch really restored (seed 001's bug)
+# ----------------------------------------------------------------- best epoch really restored (Lange & Shekel 2024's bug)
 
 
 def test_val_loss_selection_restores_an_earlier_epoch_not_the_last():
     # val labels are the opposite of train labels: the more the model learns, the worse its val loss,
     # so the best epoch is early and the last epoch is the worst - a model left at the last epoch
-    # (seed 001's public code) fails the last two assertions.
+    # (Lange & Shekel 2024's public code) fails the last two assertions.
     train, val = _blobs(64, 0), _blobs(32, 1, flip=True)
     cfg = FinetuneConfig(epochs=5, batch_size=8, lr=3e-2, select_on="val_loss", warmup_fraction=0.0)
     res = train_classifier(_tiny_classifier(), train, val, cfg, transform_train=_to_float, transform_eval=_to_float,
@@ -224,7 +224,7 @@ def test_continued_name_and_continuation_config():
     assert cfg.warmup_steps == tiny.ssl.warmup_steps * cfg.steps // tiny.ssl.steps
     capped, info = cv.continuation_config("knee", override(get_profile("tiny"), **{"eval.cv_ssl_fallback_steps": 5}))
     assert capped.steps == 5 and info["capped"] and capped.warmup_steps >= 1
-    paper, info = cv.continuation_config("knee", "paper")  # seed 001: 100 epochs x 100 iterations, 30 warm-up epochs
+    paper, info = cv.continuation_config("knee", "paper")  # Lange & Shekel 2024: 100 epochs x 100 iterations, 30 warm-up epochs
     assert paper.steps == 10_000 and paper.warmup_steps == 1_000 and paper.teacher_temp_warmup_steps == 3_000
     assert paper.base_lr == 2e-4 and paper.n_local == 8 and paper.vertical_flip and not info["capped"]
     with pytest.raises(ValueError, match="cv_ssl_steps_fraction"):

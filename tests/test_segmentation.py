@@ -1,4 +1,4 @@
-"""Seed 002 segmentation: Dice / Jaccard known values, Dice loss, training that learns, Dice selection, few-shot."""
+"""Baharoon et al. 2023 segmentation: Dice / Jaccard known values, Dice loss, training that learns, Dice selection, few-shot."""
 
 from __future__ import annotations
 

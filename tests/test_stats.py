@@ -1,4 +1,4 @@
-"""Bootstrap statistics (seed 003) against sklearn, scipy and hand-computed cases."""
+"""Bootstrap statistics (Tayebi Arasteh et al. 2023) against sklearn, scipy and hand-computed cases."""
 
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""DiNO-Diffusion (seed 000): the pipeline and its frozen DINO condition encoder, the small VAE, LDM training, metrics."""
+"""DiNO-Diffusion (Jimenez-Perez et al. 2024): the pipeline and its frozen DINO condition encoder, the small VAE, LDM training, metrics."""
 
 from .metrics import (
     INCEPTION_NAME, MemorisationResult, fd_backbone_name, fd_name, fd_ssl, fid_kid, frechet_distance,

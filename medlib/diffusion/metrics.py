@@ -1,4 +1,4 @@
-"""How good and how novel are generated images (seed 000): FID / KID, FD in an SSL space, PRDC, memorisation.
+"""How good and how novel are generated images (Jimenez-Perez et al. 2024): FID / KID, FD in an SSL space, PRDC, memorisation.
 
 * **FID / KID** (:func:`fid_kid`) run in torch-fidelity: its ``inception-v3-compat`` extractor (the
   TensorFlow FID Inception-v3, 2015-12-05, with its TF-exact resize to 299 px), its dataset API and
@@ -674,7 +674,7 @@ def plot_memorisation(result: MemorisationResult, train: np.ndarray, synthetic: 
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
         ax.set_title(f"Nearest-training-image distance, {space} space", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.suptitle("Memorisation check: closest synthetic/training pairs (top) and NN distances (bottom)")
     return fig
 

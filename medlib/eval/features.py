@@ -1,7 +1,7 @@
 """Batched, cached feature extraction from a frozen backbone: the input of kNN, ML-kNN and linear probes.
 
 :func:`extract_features` runs a :class:`~medlib.models.backbones.Backbone` once over an
-:class:`~medlib.data.imageset.ImageSet` with seed 002's evaluation transform (resize to
+:class:`~medlib.data.imageset.ImageSet` with Baharoon et al.'s evaluation transform (resize to
 ``size * 256 / 224``, centre crop ``size``, per-image min-max rescale, ImageNet mean / std)
 and returns a :class:`FeatureSet`: the final CLS token, the average-pooled patch tokens of
 the last block and the CLS token of each of the last ``n_last`` blocks - everything

@@ -1,4 +1,4 @@
-"""ML-kNN (Zhang & Zhou 2007): seed 002's kNN for multi-label chest radiographs.
+"""ML-kNN (Zhang & Zhou 2007): Baharoon et al.'s kNN for multi-label chest radiographs.
 
 For each label l, ML-kNN estimates from the training set
 
@@ -10,7 +10,7 @@ For each label l, ML-kNN estimates from the training set
   with ``c'`` for samples without l.
 
 A new sample with ``C_l`` of its k training neighbours carrying l gets the posterior
-``P(H1) P(E_C | H1) / (P(H1) P(E_C | H1) + P(H0) P(E_C | H0))``. As in seed 002, neighbours
+``P(H1) P(E_C | H1) / (P(H1) P(E_C | H1) + P(H0) P(E_C | H0))``. As in Baharoon et al. 2023, neighbours
 are found by cosine similarity of L2-normalised features and the smoothing is s = 1.
 """
 

@@ -1,6 +1,6 @@
-"""Bootstrap statistics for study 2 (seed 003): paired model comparison, confidence intervals, FDR.
+"""Bootstrap statistics for study 2 (Tayebi Arasteh et al. 2023): paired model comparison, confidence intervals, FDR.
 
-Protocol (seed 003, Tayebi Arasteh et al.): 1000 bootstrap resamples of the test set with the
+Protocol (Tayebi Arasteh et al. 2023): 1000 bootstrap resamples of the test set with the
 SAME indices for both models; per resample the per-label AUROC, its macro average, and a per-label
 Youden threshold (argmax tpr - fpr) re-chosen in that resample with sensitivity, specificity,
 accuracy and F1 at it; a one-sided p-value per label (H1: model a is better) and for the macro

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning: LoRA (via peft), BitFit, freezing and a trainable-parameter report.
 
-Seed 002 fine-tunes DINOv2 three ways: full, LoRA (r = 48, alpha = 16, dropout 0.1 on the
+Baharoon et al. 2023 fine-tunes DINOv2 three ways: full, LoRA (r = 48, alpha = 16, dropout 0.1 on the
 qkv / fc1 / fc2 linears of every transformer block) and BitFit (only bias terms). Each
 function here changes the backbone *in place* and returns it; the head is a separate
 module and stays trainable.

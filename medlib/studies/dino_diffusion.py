@@ -1116,12 +1116,13 @@ def plot_sample_grid(real: np.ndarray, vae_recon: np.ndarray, recon: np.ndarray,
         ax.axis("off")
     for i in range(n):
         for j, (img, head) in enumerate([(real[i], "real (condition)"), (vae_recon[i], "VAE only")]
-                                        + [(recon[i, s], f"generated, seed {s}") for s in range(k)]):
+                                        + [(recon[i, s], f"generated, draw {s + 1}") for s in range(k)]):
             axes[i, j].axis("on")
             _show(axes[i, j], img, head if i == 0 else None)
-    for j, img in enumerate(manifold[:cols]):
+    for j, img in enumerate(manifold[:cols]):  # its own row, each cell headed: not under the columns above
         axes[n, j].axis("on")
-        _show(axes[n, j], img, "manifold sample" if j == 0 else None)
+        _show(axes[n, j], img, f"manifold sample {j + 1}")
+    axes[n, 0].set_ylabel("manifold", fontsize=9)
     fig.suptitle(title)
     return fig
 
@@ -1152,7 +1153,7 @@ def plot_sweep(table: pd.DataFrame, profile: str | Profile, title: str, fd_name:
     panels = [("guidance_scale", rec[rec["steps"] == cfg.num_inference_steps], "guidance scale"),
               ("steps", rec[rec["guidance_scale"] == cfg.guidance_scale], "sampling steps")]
     metrics = [("fd_ssl", fd_name)] + ([("fid", "FID")] if rec["fid"].notna().sum() >= 2 else [])
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(9, 3.2 * len(metrics)), squeeze=False,
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.4 * len(metrics) + 0.8), squeeze=False,
                              layout="constrained")
     for r, (col, label) in enumerate(metrics):
         for c, (x, part, xlabel) in enumerate(panels):
@@ -1162,8 +1163,10 @@ def plot_sweep(table: pd.DataFrame, profile: str | Profile, title: str, fd_name:
             if len(floor) and np.isfinite(floor[col].iloc[0]):
                 ax.axhline(floor[col].iloc[0], color="k", ls="--", lw=1, label="real vs real (floor, same n)")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{label} (lower is better)")
-            ax.legend(fontsize=7)
+            ax.set_ylabel(f"{label} (lower is better)" if c == 0 else "")
+            ax.set_title(f"{label} vs {xlabel}", fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)  # off the data
     fig.suptitle(title)
     return fig
 
@@ -1185,7 +1188,7 @@ def plot_augmentation(table: pd.DataFrame, title: str) -> Any:
     ax.set_xlabel("labelled real images per class n (their tokens also make the synthetic images)")
     ax.set_ylabel("test AUROC (real images)")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title)
     return fig
 
@@ -1212,7 +1215,7 @@ def plot_segmentation(transfer: MaskTransferResult, n: int, title: str) -> Any:
             axes[2 + r, j].imshow(overlay_masks(transfer.test.images[j], transfer.predictions[m][j]))
     labels = ["synthetic + inherited mask", "real test + truth"] + methods
     for r, label in enumerate(labels):
-        axes[r, 0].set_ylabel(label if len(label) < 26 else label[:24] + "...", fontsize=7)
+        axes[r, 0].set_ylabel(label if len(label) < 26 else label[:24] + "...", fontsize=8)
     fig.suptitle(title)
     return fig
 
@@ -1260,7 +1263,7 @@ def plot_training_data(data: LDMData, per_site: int, title: str) -> Any:
         axes[r, 0].axis("on")
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
-        axes[r, 0].set_ylabel(cxr.SITES[site].name if site >= 0 else "source", fontsize=7)
+        axes[r, 0].set_ylabel(cxr.SITES[site].name if site >= 0 else "source", fontsize=8)
     fig.suptitle(title)
     return fig
 

@@ -1,4 +1,4 @@
-"""Study 2 (seed 003, Tayebi Arasteh et al., arXiv 2308.07688): does a ViT's initialisation survive fine-tuning?
+"""Study 2 (Tayebi Arasteh et al. 2023, arXiv 2308.07688): does a ViT's initialisation survive fine-tuning?
 
 Three initialisations of the same ViT are fully fine-tuned on several chest X-ray data sets and
 compared with paired bootstrap tests:
@@ -16,7 +16,7 @@ Notebook ``02_imagenet_vs_ssl_init`` is a sequence of short calls to this module
 - arms: :func:`load_arms`, :func:`arm_role`, :func:`pretraining_data`, :func:`verify_arms`
   (each arm's weights come from the name it claims, and no two arms share weights),
   :func:`assert_not_pretrained_on` (the medical arm never sees its own pre-training site);
-- training: :func:`finetune_config` (seed 003's recipe sized by the profile), :func:`finetune_run`
+- training: :func:`finetune_config` (Tayebi Arasteh et al.'s recipe sized by the profile), :func:`finetune_run`
   (one cached run: full fine-tuning, weighted BCE, epoch chosen on val, test predicted once),
   :func:`run_grid` (every arm x data set), :func:`fraction_indices` and :func:`run_ablation`
   (training-set fractions);
@@ -72,11 +72,11 @@ from ..eval.finetune import Classifier, FinetuneConfig, predict, train_classifie
 
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test per site, patient-grouped (our assumption, as in study 1)
 RUN_VERSION = "1"  # bump when the meaning of a cached run changes
-# Seed 003 applies no intensity normalisation. Our assumption: each backbone gets the input statistics it was
+# Tayebi Arasteh et al. 2023 applies no intensity normalisation. Our assumption: each backbone gets the input statistics it was
 # pre-trained with (per-image min-max, then ImageNet mean / std); in a pilot on the VinDr-CXR-like site
 # (tiny profile, 6 epochs) raw pixels / 255 cost the SSL arm 0.18 macro AUROC (0.53 vs 0.71).
 NORMALIZE = "imagenet"
-ROTATION = 7.0  # seed 003: random rotation of +-7 degrees (plus a horizontal flip)
+ROTATION = 7.0  # Tayebi Arasteh et al. 2023: random rotation of +-7 degrees (plus a horizontal flip)
 
 #: Roles of the arms, in the order tables and figures show them.
 ROLES: Mapping[str, str] = {
@@ -99,7 +99,7 @@ COMPARISONS: tuple[tuple[str, str], ...] = (("ssl_natural", "sup_natural"), ("ss
 #: The ``paper`` profile's medical arm: the seed-003 ViT-B/16 trained supervised on MIMIC-CXR (a local file).
 MEDICAL_PAPER_SPEC = BackboneSpec(
     name="vit-b16-mimic-cxr", kind="vit", arch="vit_base_patch16_224", source="local",
-    description="ViT-B/16 trained supervised on MIMIC-CXR (seed 003's medical initialisation; a local file)",
+    description="ViT-B/16 trained supervised on MIMIC-CXR (Tayebi Arasteh et al.'s medical initialisation; a local file)",
     citation="Tayebi Arasteh et al. 2023, arXiv:2308.07688",
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
     download_hint=("The seed-003 authors' MIMIC-CXR-supervised ViT-B/16 is not on a model hub: train it with "
@@ -322,7 +322,7 @@ def _expected_weights(name: str) -> Path | None:
 def verify_arms(backbones: Mapping[str, Backbone]) -> pd.DataFrame:
     """Check that each arm holds the weights its name claims and that no two arms share weights; table or ValueError.
 
-    Seed 003's public code loaded the medical checkpoint into its "ImageNet" arm without a word.
+    Tayebi Arasteh et al.'s public code loaded the medical checkpoint into its "ImageNet" arm without a word.
     Here every arm must (1) be the backbone its key names, (2) load the file its name resolves
     to (a custom-spec arm: a file named after it), (3) for project-trained weights, carry a model
     card with its own name, and (4) differ from every other arm in weights file hash and, for
@@ -343,7 +343,7 @@ def verify_arms(backbones: Mapping[str, Backbone]) -> pd.DataFrame:
             expected = _expected_weights(name)
             if expected is not None and path.resolve() != expected.resolve():
                 raise ValueError(f"arm {name!r} loaded {path} but its name resolves to {expected}: another model's "
-                                 "weights in this arm (seed 003 defect: its ImageNet arm loaded the medical "
+                                 "weights in this arm (Tayebi Arasteh et al. 2023 defect: its ImageNet arm loaded the medical "
                                  "checkpoint)")
             if expected is None and path.stem != name:
                 raise ValueError(f"arm {name!r} loaded {path.name}; name the file after the arm ({name}{path.suffix}) "
@@ -374,14 +374,14 @@ def verify_arms(backbones: Mapping[str, Backbone]) -> pd.DataFrame:
 
 
 def finetune_config(profile: Profile | str) -> FinetuneConfig:
-    """Seed 003's recipe sized by the profile: AdamW, no weight decay, weighted BCE, epoch chosen on val loss."""
+    """Tayebi Arasteh et al.'s recipe sized by the profile: AdamW, no weight decay, weighted BCE, epoch chosen on val loss."""
     e = get_profile(profile).eval
     return FinetuneConfig(epochs=e.init_epochs, batch_size=e.init_batch_size, lr=e.init_head_lr,
                           backbone_lr=e.init_lr, weight_decay=0.0, pos_weight=True, select_on="val_loss")
 
 
 def transforms(size: int, normalize: str = NORMALIZE) -> tuple[ClassificationTransform, ClassificationTransform]:
-    """Seed 003's (train, eval) transforms: rotation +-7 degrees and a horizontal flip; plain resize for eval."""
+    """Tayebi Arasteh et al.'s (train, eval) transforms: rotation +-7 degrees and a horizontal flip; plain resize for eval."""
     train = ClassificationTransform(size, train=True, scale=None, hflip=True, rotation=ROTATION, normalize=normalize)
     return train, ClassificationTransform(size, train=False, resize=size, normalize=normalize)
 
@@ -413,7 +413,7 @@ def _check_split(ds: ImageSet, split: Mapping[str, np.ndarray], train_indices: n
     train, val, test = (np.asarray(split[k], dtype=np.int64) for k in ("train", "val", "test"))
     if len(val) == 0:
         raise ValueError(f"{ds.name}: the validation split is empty; the epoch must be chosen on a validation set, "
-                         "never on the test set (seed 003 defect)")
+                         "never on the test set (Tayebi Arasteh et al. 2023 defect)")
     for a, b, ia, ib in (("train", "val", train, val), ("train", "test", train, test), ("val", "test", val, test)):
         shared = np.intersect1d(ia, ib)
         if shared.size:
@@ -512,7 +512,7 @@ def finetune_run(backbone: Backbone, ds: ImageSet, split: Mapping[str, np.ndarra
     with seeded_torch_rng(seed):
         net = copy.deepcopy(backbone)
         for param in net.parameters():
-            param.requires_grad_(True)  # full fine-tuning: every parameter trains (seed 003)
+            param.requires_grad_(True)  # full fine-tuning: every parameter trains (Tayebi Arasteh et al. 2023)
         model = Classifier(net, LinearHead(net.embed_dim, len(ds.label_names)))
     train_tf, eval_tf = transforms(size, normalize)
     fit = train_classifier(model, ds.subset(train), ds.subset(val), cfg, transform_train=train_tf,
@@ -670,7 +670,7 @@ def metrics_table(grid: InitGrid, profile: Profile | str) -> pd.DataFrame:
     """Per (data set, arm): macro AUROC (full test set; bootstrap mean, std, 95 % CI) and Youden-threshold metrics.
 
     Sensitivity, specificity, accuracy and F1 are macro means over labels at each label's Youden
-    threshold, re-chosen in every bootstrap resample (seed 003); the resamples are the same for
+    threshold, re-chosen in every bootstrap resample (Tayebi Arasteh et al. 2023); the resamples are the same for
     every arm of a data set (one seed).
     """
     p = get_profile(profile)
@@ -727,7 +727,7 @@ def comparison_table(grid: InitGrid, profile: Profile | str,
     """Paired bootstrap, SSL vs each supervised arm per data set: AUROC mean +- std, difference, one-sided p, BH q.
 
     One row per (data set, comparison, label) plus a ``macro`` row. Label q-values are
-    Benjamini-Hochberg across the labels of one data set and comparison (seed 003); the macro
+    Benjamini-Hochberg across the labels of one data set and comparison (Tayebi Arasteh et al. 2023); the macro
     rows' q is BH across all data sets and comparisons.
     """
     p = get_profile(profile)
@@ -778,7 +778,7 @@ def ablation_tests(ablation: InitAblation, profile: Profile | str,
     return macro[[c for c in keep if c in macro.columns]].reset_index(drop=True)
 
 
-#: Seed 003, VinDr-CXR, average AUROC over labels (paper_results.md), as fractions.
+#: Tayebi Arasteh et al. 2023, VinDr-CXR, average AUROC over labels (paper_results.md), as fractions.
 PUBLISHED_VINDR = pd.DataFrame([
     {"model": "DINOv2 ViT-B/14", "value": 0.8892},
     {"model": "ViT-B/16 IN-21k", "value": 0.8638},
@@ -908,7 +908,9 @@ def sanity_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _role_colours(roles: Sequence[str]) -> dict[str, str]:
-    return {role: f"C{list(ROLES).index(role)}" for role in roles}
+    from ..reporting import model_colour  # one colour per model family in every figure
+
+    return {role: model_colour(role) for role in roles}
 
 
 def plot_auroc_by_dataset(metrics: pd.DataFrame, title: str):
@@ -934,7 +936,7 @@ def plot_auroc_by_dataset(metrics: pd.DataFrame, title: str):
     ax.set(title=title, xlabel="data set (test split)", ylabel="macro AUROC (bootstrap mean, 95 % CI)",
            xticks=range(len(datasets)), xticklabels=datasets)
     ax.tick_params(axis="x", labelrotation=15)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
@@ -961,7 +963,7 @@ def plot_ablation(table: pd.DataFrame, title: str):
     ax.set_xticklabels([f"{n}\n{f:.0%}" for n, f in table.groupby("n_train")["fraction"].first().items()],
                        fontsize=8)
     ax.minorticks_off()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
@@ -977,19 +979,19 @@ def plot_label_heatmap(labels: pd.DataFrame, title: str):
     columns = [(d, r) for d in datasets for r in roles if ((labels["dataset"] == d) & (labels["role"] == r)).any()]
     grid = labels.pivot_table(index="label", columns=["dataset", "role"], values="auroc", sort=False, dropna=False)
     grid = grid.reindex(index=list(dict.fromkeys(labels["label"])), columns=pd.MultiIndex.from_tuples(columns))
-    fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3.5, 0.36 * len(grid) + 2.2))
+    fig, ax = plt.subplots(figsize=(0.75 * len(columns) + 4.0, 0.45 * len(grid) + 2.6))
     sns.heatmap(grid.to_numpy(dtype=float), annot=True, fmt=".2f", vmin=0.3, vmax=1.0, cmap="viridis", ax=ax,
-                cbar_kws={"label": "test AUROC"}, annot_kws={"fontsize": 6})
+                cbar_kws={"label": "test AUROC"}, annot_kws={"fontsize": 8})
     ax.set_xticks(np.arange(len(columns)) + 0.5)
-    ax.set_xticklabels([ROLE_SHORT[r] for _, r in columns], rotation=90, fontsize=7)
+    ax.set_xticklabels([ROLE_SHORT[r] for _, r in columns], rotation=90, fontsize=9)
     ax.set_yticks(np.arange(len(grid)) + 0.5)
-    ax.set_yticklabels(grid.index, rotation=0, fontsize=7)
+    ax.set_yticklabels(grid.index, rotation=0, fontsize=9)
     starts = [i for i, (d, _) in enumerate(columns) if i == 0 or columns[i - 1][0] != d]
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else len(columns)
         if start:
             ax.axvline(start, color="white", linewidth=3)
-        ax.text((start + stop) / 2, -0.3, columns[start][0], ha="center", va="bottom", fontsize=8)
+        ax.text((start + stop) / 2, -0.3, columns[start][0], ha="center", va="bottom", fontsize=9)
     ax.grid(False)
     ax.set(xlabel="initialisation (grouped by data set)", ylabel="label")
     ax.set_title(title, pad=22)

@@ -851,10 +851,15 @@ def plot_ssl_curves(history: pd.DataFrame, title: str) -> Any:
     if history.empty:
         raise ValueError("no continuation history to plot (the model cards carry none and nothing ran here)")
     terms = list(dict.fromkeys(history["term"]))
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3.0), squeeze=False)
+    from ..reporting import model_colour
+
+    palette = {b: model_colour(b) for b in dict.fromkeys(history["backbone"])}
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3.4), squeeze=False)
     for ax, term in zip(axes[0], terms):
         sns.lineplot(data=history[history["term"] == term], x="step", y="value", hue="backbone", marker=".",
-                     ax=ax, legend=ax is axes[0][0])
+                     ax=ax, legend=ax is axes[0][-1], palette=palette)
+        if ax is axes[0][-1]:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
         ax.set_title(term.replace("_", " "))
         ax.set_xlabel("SSL step")
         ax.set_ylabel("loss" if ax is axes[0][0] else "")
@@ -872,6 +877,7 @@ def plot_knn_health(health: pd.DataFrame, title: str) -> Any:
     long = health.melt(id_vars=["task"], value_vars=sources, var_name="backbone", value_name="knn_auroc")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     sns.barplot(data=long, x="task", y="knn_auroc", hue="backbone", ax=ax)
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     ax.axhline(0.5, color="grey", lw=1, ls=":")
     ax.set_ylim(0.3, 1.0)
     ax.set_xlabel("task")
@@ -931,8 +937,9 @@ def plot_folds(results: pd.DataFrame, title: str, published: pd.DataFrame | None
         ax.set_ylabel("test AUROC per fold" if ax is axes[0][0] else "")
         ax.tick_params(axis="x", rotation=30)
     if published is not None:
-        axes[0][0].legend(loc="lower left", fontsize=8)
-    axes[0][-1].legend(title="fold", fontsize=7, title_fontsize=8, loc="lower right")
+        axes[0][0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=9, frameon=False)
+    axes[0][-1].legend(title="fold", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       frameon=False)
     fig.suptitle(title)
     return fig
 

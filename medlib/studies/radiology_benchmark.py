@@ -912,25 +912,32 @@ def plot_few_shot(summary: pd.DataFrame, title: str, metric: str = "auroc", publ
     rows = summary[summary["metric"] == metric]
     order, pos = _n_positions(rows["n"].tolist() + ([] if published is None else published["n"].tolist()))
     ncols = 1 if published is None else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
+    from ..reporting import legend_outside, model_colour
+
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 5.2), squeeze=False)
     ax = axes[0, 0]
-    for i, (backbone, group) in enumerate(rows.groupby("backbone", sort=False)):
-        colour = f"C{i}"
+    for backbone, group in rows.groupby("backbone", sort=False):
+        colour = model_colour(backbone)  # one colour per model in every figure
         _curve(ax, group[group["protocol"] == "repeats"], pos, f"{backbone} (mean, 95% CI)", color=colour)
         single = group[group["protocol"] == "paper"]
         if len(single):
             _curve(ax, single, pos, f"{backbone} (single draw)", color=colour, linestyle="--", alpha=0.6,
                    markerfacecolor="none")
-    ax.set(title=title, xlabel=xlabel, ylabel=f"test {metric}", xticks=range(len(order)),
+    ax.set(title=title, xlabel=xlabel, ylabel=f"test {_METRIC_LABELS.get(metric, metric)}", xticks=range(len(order)),
            xticklabels=[str(n) for n in order])
-    ax.legend(fontsize=7)
+    legend_outside(ax, "below", ncol=1)
     if published is not None:
         for model, group in published.groupby("model", sort=False):
-            axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", label=f"{model} (published)")
+            axes[0, 1].plot(group["n"].map(pos), group["value"], marker="s", color=model_colour(model),
+                            label=f"{model} (published)")
         axes[0, 1].set(title="Published (Baharoon et al. 2023, NIH ChestX-ray14)", xlabel="patients per class",
                        ylabel="macro AUROC", xticks=range(len(order)), xticklabels=[str(n) for n in order])
-        axes[0, 1].legend(fontsize=7)
+        legend_outside(axes[0, 1], "below", ncol=1)
     return fig
+
+
+#: axis labels of the metrics the figures plot
+_METRIC_LABELS = {"auroc": "AUROC", "mean_dj": "mean of Dice and Jaccard", "dice": "Dice", "jaccard": "Jaccard"}
 
 
 def plot_peft(table: pd.DataFrame, title: str):
@@ -942,22 +949,25 @@ def plot_peft(table: pd.DataFrame, title: str):
         raise ValueError("plot_peft: no finished run in the table (every test_auroc is NaN)")
     modes = list(dict.fromkeys(done["mode"]))
     backbones = list(dict.fromkeys(done["backbone"]))
+    from ..reporting import legend_outside, model_colour
+
     width = 0.8 / len(backbones)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for i, backbone in enumerate(backbones):
         rows = done[done["backbone"] == backbone].set_index("mode")
         x = np.array([modes.index(m) for m in rows.index]) + (i - (len(backbones) - 1) / 2) * width
-        bars = axes[0].bar(x, rows["test_auroc"], width, label=backbone, color=f"C{i}")
-        axes[0].bar_label(bars, labels=[f"{v:.3g}%" for v in rows["trainable_pct"]], fontsize=7)
-        axes[1].bar(x, rows["trainable_pct"], width, label=backbone, color=f"C{i}")
+        bars = axes[0].bar(x, rows["test_auroc"], width, label=backbone, color=model_colour(backbone))
+        axes[0].bar_label(bars, labels=[f"{v:.2g}%" for v in rows["trainable_pct"]], fontsize=8, rotation=90,
+                          padding=2)
+        axes[1].bar(x, rows["trainable_pct"], width, label=backbone, color=model_colour(backbone))
     low = max(0.0, float(done["test_auroc"].min()) - 0.1)
     axes[0].set(title=title, xlabel="fine-tuning mode (bar label: % trainable)", ylabel="test macro AUROC",
                 ylim=(low, 1.0), xticks=range(len(modes)), xticklabels=modes)
-    axes[0].legend(fontsize=7)
+    legend_outside(axes[0], "below")
     axes[1].axhline(1.0, color="k", linestyle=":", label="1 % (the paper's claim)")
     axes[1].set(yscale="log", title="Trainable parameters (head included)", xlabel="fine-tuning mode",
                 ylabel="% of parameters trained", xticks=range(len(modes)), xticklabels=modes)
-    axes[1].legend(fontsize=7)
+    legend_outside(axes[1], "below")
     return fig
 
 
@@ -968,13 +978,20 @@ def plot_seg_few_shot(summary: pd.DataFrame, title: str, metric: str = "mean_dj"
     rows = summary[summary["metric"] == metric]
     datasets = list(dict.fromkeys(rows["dataset"]))
     order, pos = _n_positions(rows["n"].tolist())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    from ..reporting import legend_outside, model_colour
+
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 5.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        heads: dict[str, str] = {}
         for model, group in rows[rows["dataset"] == dataset].groupby("model", sort=False):
-            _curve(ax, group, pos, model)
-        ax.set(title=f"{dataset}", xlabel="training images n", ylabel=f"test {metric.replace('_', ' ')}",
+            head = model.split(" + ", 1)[1] if " + " in model else ""  # colour = backbone, line style = decoder
+            style = heads.setdefault(head, styles[len(heads) % len(styles)])
+            _curve(ax, group, pos, model, color=model_colour(model.split(" + ", 1)[0]), linestyle=style)
+        ax.set(title=f"{dataset}", xlabel="training images n",
+               ylabel=f"test {_METRIC_LABELS.get(metric, metric.replace('_', ' '))}",
                xticks=range(len(order)), xticklabels=[str(n) for n in order], ylim=(0, 1))  # bands clipped
-        ax.legend(fontsize=7)
+        legend_outside(ax, "below", ncol=1)
     fig.suptitle(title)
     return fig
 
@@ -992,7 +1009,7 @@ def plot_seg_overlays(models: Mapping[str, nn.Module], ds: ImageSet, image_size:
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(size * len(columns), size * len(rows) + 0.5),
                              squeeze=False)
     for j, (label, masks) in enumerate(columns):
-        axes[0, j].set_title(label.replace(" + ", "\n+ "), fontsize=7)
+        axes[0, j].set_title(label.replace(" + ", "\n+ "), fontsize=8)
         for i in range(len(rows)):
             axes[i, j].imshow(overlay_masks(np.asarray(shown.images[i]), masks[i]))
             axes[i, j].axis("off")
