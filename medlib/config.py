@@ -315,13 +315,9 @@ _PROFILES: dict[str, Profile] = {
     "paper": Profile(
         name="paper",
         description="real data sets and real DINOv2 / IN-21k weights supplied by the user: GPU(s)",
-        # phantoms are still shown by the data tour; the studies read `sources` (MEDLIB_DATA overrides the root)
-        data=DataConfig(phantom_size=224, n_per_dataset=64, n_natural=64, n_show=16,
-                        sources={
-                            "cxr_multilabel": "medmnist:chestmnist?size=224",
-                            "breast_us": "medmnist:breastmnist?size=224",
-                            "organ_ct": "medmnist:organamnist?size=224",
-                        }),
+        # no sources here: a data file names them (data.example.toml; `make reproduce PROFILE=paper DATA=...`),
+        # and a data key without one is an error in `paper` unless the file allows its phantom stand-in
+        data=DataConfig(phantom_size=224, n_per_dataset=64, n_natural=64, n_show=16),
         backbone=BackboneConfig(
             arch="vit_base_patch14_dinov2", arch_kwargs=dict(img_size=224), image_size=224,
             embedded_suffix="vit-s14",
@@ -355,7 +351,18 @@ def get_profile(name: str | Profile) -> Profile:
         return name
     if name not in _PROFILES:
         raise ValueError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.")
-    return _PROFILES[name]
+    from .datafile import active_settings, apply_settings  # $MEDLIB_DATA_FILE / $MEDLIB_OVERRIDES, if set
+
+    settings = active_settings()
+    if not settings.active:
+        return _PROFILES[name]
+    cached = _APPLIED.get(name)
+    if cached is None or cached[0] is not settings:
+        cached = _APPLIED[name] = (settings, apply_settings(_PROFILES[name], settings))
+    return cached[1]
+
+
+_APPLIED: dict[str, tuple[object, Profile]] = {}  # profile name -> (the settings applied, the result)
 
 
 def _assigned_names(source: str) -> list[str]:
@@ -389,6 +396,10 @@ def check_injected_parameters(history: list[str]) -> None:
 def notebook_profile(name: str | None) -> Profile:
     """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``.
 
+    A data file (``$MEDLIB_DATA_FILE``) and overrides (``$MEDLIB_OVERRIDES``) are applied, and in ``paper``
+    (or with either set) :func:`medlib.datafile.validate` checks the notebook's (``$MEDLIB_NOTEBOOK``, else
+    every notebook's) data keys, files and weights first.
+
     Inside a kernel, a misspelt papermill parameter (``-p profle smoke``) is an error here, not a silent
     run of the default profile.
     """
@@ -400,7 +411,13 @@ def notebook_profile(name: str | None) -> Profile:
         shell = None
     if shell is not None:
         check_injected_parameters([str(s) for s in shell.user_ns.get("In", [])])
-    return get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
+    profile = get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
+    from .datafile import NOTEBOOK_ENV, active_settings, validate
+
+    notebook = os.environ.get(NOTEBOOK_ENV)
+    if profile.name == "paper" or active_settings().active:  # before any compute: every problem in one report
+        validate(profile.name, [notebook] if notebook else None)
+    return profile
 
 
 def override(profile: Profile, **changes) -> Profile:
