@@ -11,6 +11,7 @@ NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
+	@echo "    [DATA=my_data.toml] [OVERRIDES=\"eval.finetune_epochs=1 ...\"] [ONLY=\"01 03\"] [KEEP_GOING=1]"
 	@echo "make test                                      unit + integration + nbval tests"
 	@echo "make setup | lock | bench | lab | sync | backbones | ldm | clean"
 
@@ -34,7 +35,9 @@ $(STAMP): pyproject.toml pylock.toml requirements.lock
 	touch $(STAMP)
 
 reproduce: setup
-	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) $(if $(FORCE),--force,)
+	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) $(if $(FORCE),--force,) \
+		$(if $(DATA),--data "$(DATA)",) $(if $(OVERRIDES),--override $(OVERRIDES),) $(if $(ONLY),--only $(ONLY),) \
+		$(if $(KEEP_GOING),--keep-going,)
 
 # nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
 NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports

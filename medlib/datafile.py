@@ -475,6 +475,9 @@ def validate(profile: Any, notebooks: Iterable[str] | None = None, settings: Run
                                            if os.environ.get("MEDLIB_WEIGHTS_DIR") else None)
     if weights_dir is not None and not weights_dir.is_dir():
         problems.append(f"weights folder {weights_dir} does not exist (weights_dir / $MEDLIB_WEIGHTS_DIR)")
+    if paper and "03" in notebooks and not p.eval.cv_medical_cnn:
+        problems.append("notebook 03: eval.cv_medical_cnn is empty, which builds the medical CNN stand-in on phantoms; "
+                        "name the RadImageNet ResNet-50 (radimagenet-resnet50) or another medical backbone")
     if check_weights and paper:
         from .models.backbones import locate_vae, locate_weights
 
