@@ -192,6 +192,7 @@ class DiffusionConfig:
     aug_lr: float = 1e-3
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
     n_attention: int = 8  # images whose cross-attention maps are scored
+    fd_backbone: str = ""  # backbone of FD_SSL ("" = the profile's embedded SSL ViT; paper: DINOv2 ViT-L/14)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ _PROFILES: dict[str, Profile] = {
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 25, 50), n_show=8,
                                   n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
                                   aug_steps=500, aug_batch_size=32, aug_repeats=5, seg_train_images=400,
-                                  n_attention=32),
+                                  n_attention=32, fd_backbone="dinov2-vit-l14"),
     ),
 }
 

@@ -302,7 +302,7 @@ def read_data_file(path: str | Path, cli_overrides: Mapping[str, Any] | None = N
         allowed: tuple[str, ...] | bool = True
     elif allow is False:
         allowed = ()
-    elif isinstance(allow, list) and all(isinstance(a, str) for a in allow):
+    elif isinstance(allow, (list, tuple)) and all(isinstance(a, str) for a in allow):
         allowed = tuple(allow)
         problems += [f"{path.name}: allow_phantom names {a!r}, which no notebook reads{_close(a, DATA_KEYS)}"
                      for a in allowed if a not in DATA_KEYS]
@@ -416,7 +416,9 @@ def notebook_models(profile: Any, notebook: str) -> list[str]:
         names = [profile.eval.cv_imagenet_cnn, profile.eval.cv_ssl_vit]
         return names + ([profile.eval.cv_medical_cnn] if profile.eval.cv_medical_cnn else [])
     if number == "04":
-        names = [profile.diffusion.encoder, profile.diffusion.aug_classifier]
+        from .diffusion.metrics import fd_backbone_name
+
+        names = [profile.diffusion.encoder, profile.diffusion.aug_classifier, fd_backbone_name(profile)]
         return names + ([f"vae:{profile.diffusion.pretrained_vae}"] if profile.diffusion.pretrained_vae else [])
     return []
 
