@@ -41,8 +41,8 @@ DRY_RUN_OVERRIDES = {
     "eval.probe_lrs": [1e-2], "eval.finetune_epochs": 1, "eval.finetune_batch_size": 8, "eval.seg_epochs": 1,
     "eval.folds": 2, "eval.bootstrap": 50, "eval.batch_size": 16, "eval.logreg_n_c": 3, "eval.seg_images": 24,
     "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 16,
-    "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [3, 4],
-    "eval.init_images": [40, 40], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
+    "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [0, 3, 4],
+    "eval.init_images": [40, 40, 40], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
     "eval.init_head_lr": 1e-3, "eval.init_fractions": [0.5, 1.0],
     "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [8],
     "eval.cv_imagenet_cnn": "efficientnet-lite0.in1k", "eval.cv_ssl_fallback_steps": 2,
@@ -100,6 +100,21 @@ def _chexpert(root: Path, rng: np.random.Generator, n: int = 48) -> None:
         values[i % len(labels)] = "1.0"
         rows.append(f"{rel},Frontal," + ",".join(values))
     (root / "CheXpert-v1.0" / "train.csv").write_text("\n".join(rows) + "\n")
+
+
+def _vindr(root: Path, rng: np.random.Generator, n: int = 40) -> None:
+    """VinDr-CXR's layout: train/<image_id>.<ext>, three readers per image in image_labels_train.csv."""
+    labels = ["Atelectasis", "Cardiomegaly", "Pleural effusion"]
+    rows = ["image_id,rad_id," + ",".join(labels)]
+    for i in range(n):
+        image_id = f"{i:032x}"
+        _png(root / "train" / f"{image_id}.png", _images(rng, 1, 64)[0])
+        for reader in ("R1", "R2", "R3"):
+            values = rng.integers(0, 2, len(labels))
+            values[i % len(labels)] = 1
+            rows.append(f"{image_id},{reader}," + ",".join(map(str, values)))
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / "image_labels_train.csv").write_text("\n".join(rows) + "\n")
 
 
 def _segfolder(root: Path, classes: list[str], rng: np.random.Generator, n: int = 30) -> None:
@@ -177,6 +192,7 @@ def build_download(root: Path) -> Path:
     _medmnist(data / "medmnist", "organamnist", 11, False, rng)
     _nih(data / "nih", rng)
     _chexpert(data / "chexpert", rng)
+    _vindr(data / "vindr", rng)
     _segfolder(data / "montgomery", ["leftMask", "rightMask"], rng)
     _segfolder(data / "amos", ["liver", "kidney"], rng)
     _radimagenet(data / "radimagenet", rng)
@@ -199,6 +215,7 @@ cxr_segmentation = "segfolder:montgomery/images?masks=leftMask,rightMask&mask_na
 ct_segmentation = "segfolder:amos/images?masks=liver,kidney&mask_names=liver,kidney&size=64"
 chestxray14 = "folder:nih?labels=Data_Entry_2017.csv&image_col=Image Index&finding_col=Finding Labels&no_finding=No Finding&patient_col=Patient ID&image_dir=images&classes={','.join(CHEST)}&size=64"
 chexpert = "folder:chexpert?labels=CheXpert-v1.0/train.csv&image_col=Path&u=ones&label_cols=Atelectasis,Cardiomegaly,Pleural Effusion&where=Frontal/Lateral==Frontal&patient_regex=(patient\\\\d+)&size=64"
+vindr_cxr = "folder:vindr?labels=annotations/image_labels_train.csv&image_col=image_id&ext=.png&image_dir=train&label_cols=Atelectasis,Cardiomegaly,Pleural effusion&aggregate=max&size=64"
 thyroid_us = "radimagenet:radimagenet?modality=US&anatomy=thyroid&positive=thyroid_nodule&size=64"
 acl_mri = "radimagenet:radimagenet?modality=MR&anatomy=knee&positive=acl_pathology&size=64"
 meniscus_mri = "radimagenet:radimagenet?modality=MR&anatomy=knee&positive=meniscal_tear&size=64"
