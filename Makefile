@@ -12,6 +12,7 @@ NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
+	@echo "    [DATA=my_data.toml] [OVERRIDES=\"eval.finetune_epochs=1 ...\"] [ONLY=\"01 03\"] [KEEP_GOING=1]"
 	@echo "make test                                      unit + integration + nbval tests"
 	@echo "make student                                   the notebooks without solutions -> build/student/"
 	@echo "make site [PROFILE=tiny]                       the companion site -> reports/<profile>/site/index.html"
@@ -37,7 +38,9 @@ $(STAMP): pyproject.toml pylock.toml requirements.lock
 	touch $(STAMP)
 
 reproduce: setup
-	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) --site $(if $(FORCE),--force,)
+	$(PY) -m medlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) --site $(if $(FORCE),--force,) \
+		$(if $(DATA),--data "$(DATA)",) $(if $(OVERRIDES),--override $(OVERRIDES),) $(if $(ONLY),--only $(ONLY),) \
+		$(if $(KEEP_GOING),--keep-going,)
 
 # the rendered companion site: executed notebooks, summary, tables, benchmark and docs/ pages (nothing re-run)
 site: setup

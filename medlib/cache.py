@@ -300,6 +300,9 @@ def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "lock": _lock_hash(),
     }
+    from .datafile import provenance_fields  # the data file, overrides and sources in force (none: nothing added)
+
+    record.update(provenance_fields(record["profile"] if isinstance(record["profile"], str) else None))
     if data_fingerprint is not None:
         record["data_fingerprint"] = data_fingerprint
     if wall_time_s is not None:

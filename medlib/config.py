@@ -195,6 +195,7 @@ class DiffusionConfig:
     aug_lr: float = 1e-3
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
     n_attention: int = 8  # images whose cross-attention maps are scored
+    fd_backbone: str = ""  # backbone of FD_SSL ("" = the profile's embedded SSL ViT; paper: DINOv2 ViT-L/14)
 
 
 @dataclass(frozen=True)
@@ -319,13 +320,9 @@ _PROFILES: dict[str, Profile] = {
     "paper": Profile(
         name="paper",
         description="real data sets and real DINOv2 / IN-21k weights supplied by the user: GPU(s)",
-        # phantoms are still shown by the data tour; the studies read `sources` (MEDLIB_DATA overrides the root)
-        data=DataConfig(phantom_size=224, n_per_dataset=64, n_natural=64, n_show=16,
-                        sources={
-                            "cxr_multilabel": "medmnist:chestmnist?size=224",
-                            "breast_us": "medmnist:breastmnist?size=224",
-                            "organ_ct": "medmnist:organamnist?size=224",
-                        }),
+        # no sources here: a data file names them (data.example.toml; `make reproduce PROFILE=paper DATA=...`),
+        # and a data key without one is an error in `paper` unless the file allows its phantom stand-in
+        data=DataConfig(phantom_size=224, n_per_dataset=64, n_natural=64, n_show=16),
         backbone=BackboneConfig(
             arch="vit_base_patch14_dinov2", arch_kwargs=dict(img_size=224), image_size=224,
             embedded_suffix="vit-s14",
@@ -348,7 +345,7 @@ _PROFILES: dict[str, Profile] = {
                                   guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0), step_grid=(10, 25, 50), n_show=8,
                                   n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
                                   aug_steps=500, aug_batch_size=32, aug_repeats=5, seg_train_images=400,
-                                  n_attention=32),
+                                  n_attention=32, fd_backbone="dinov2-vit-l14"),
     ),
 }
 
@@ -359,7 +356,18 @@ def get_profile(name: str | Profile) -> Profile:
         return name
     if name not in _PROFILES:
         raise ValueError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.")
-    return _PROFILES[name]
+    from .datafile import active_settings, apply_settings  # $MEDLIB_DATA_FILE / $MEDLIB_OVERRIDES, if set
+
+    settings = active_settings()
+    if not settings.active:
+        return _PROFILES[name]
+    cached = _APPLIED.get(name)
+    if cached is None or cached[0] is not settings:
+        cached = _APPLIED[name] = (settings, apply_settings(_PROFILES[name], settings))
+    return cached[1]
+
+
+_APPLIED: dict[str, tuple[object, Profile]] = {}  # profile name -> (the settings applied, the result)
 
 
 def _assigned_names(source: str) -> list[str]:
@@ -393,6 +401,10 @@ def check_injected_parameters(history: list[str]) -> None:
 def notebook_profile(name: str | None) -> Profile:
     """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``.
 
+    A data file (``$MEDLIB_DATA_FILE``) and overrides (``$MEDLIB_OVERRIDES``) are applied, and in ``paper``
+    (or with either set) :func:`medlib.datafile.validate` checks the notebook's (``$MEDLIB_NOTEBOOK``, else
+    every notebook's) data keys, files and weights first.
+
     Inside a kernel, a misspelt papermill parameter (``-p profle smoke``) is an error here, not a silent
     run of the default profile.
     """
@@ -404,7 +416,13 @@ def notebook_profile(name: str | None) -> Profile:
         shell = None
     if shell is not None:
         check_injected_parameters([str(s) for s in shell.user_ns.get("In", [])])
-    return get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
+    profile = get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
+    from .datafile import NOTEBOOK_ENV, active_settings, validate
+
+    notebook = os.environ.get(NOTEBOOK_ENV)
+    if profile.name == "paper" or active_settings().active:  # before any compute: every problem in one report
+        validate(profile.name, [notebook] if notebook else None)
+    return profile
 
 
 def override(profile: Profile, **changes) -> Profile:

@@ -54,7 +54,19 @@ def shared_inputs(profile: str) -> dict:
     return {"code": code.hexdigest(), "weights": weights.hexdigest(),
             "profile": dataclasses.asdict(get_profile(profile)), "lock": lock_hash(),
             "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
-                                                                       "MEDMNIST_ROOT", "MEDLIB_CACHE")}}
+                                                                       "MEDMNIST_ROOT", "MEDLIB_CACHE",
+                                                                       "MEDLIB_DATA_FILE", "MEDLIB_OVERRIDES")},
+            "data_file": _data_file_hash()}
+
+
+def _data_file_hash() -> str | None:
+    """sha256 of the data file in force (its contents change results even when its path does not)."""
+    import hashlib
+
+    from .datafile import active_settings
+
+    path = active_settings().data_file
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def inputs_fingerprint(py_path: Path, profile: str, shared: dict | None = None) -> str:
@@ -217,7 +229,7 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
     error = None
     status = "interrupted"
     try:
-        with kernel_environment(), _sigterm_as_exception():
+        with kernel_environment(MEDLIB_NOTEBOOK=py_path.stem), _sigterm_as_exception():
             pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel,
                                 language="python", cwd=str(py_path.parent), progress_bar=progress,
                                 execution_timeout=timeout)
@@ -241,19 +253,36 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
 
 
 def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
-              keep_going: bool = False, force: bool = False, site: bool = False) -> list[NotebookRun]:
+              keep_going: bool = False, force: bool = False, site: bool = False, data: str | Path | None = None,
+              overrides: list[str] | None = None) -> list[NotebookRun]:
     """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``.
 
     A notebook whose inputs (:func:`inputs_fingerprint`) are those of its last successful run is not
     executed again: its report is reused and the records say so. ``force`` re-executes everything.
     ``site`` also builds the companion site (:mod:`medlib.site`) at the end.
+    ``data`` (a data file) and ``overrides`` (``section.field=value``) reach every notebook through
+    ``$MEDLIB_DATA_FILE`` / ``$MEDLIB_OVERRIDES``; both are validated with the selected notebooks'
+    data keys, files and weights before anything runs (:func:`medlib.datafile.validate`).
     """
+    from .datafile import settings_env
+
+    with kernel_environment({}, **settings_env(data, overrides)):
+        return _reproduce(profile, kernel, only, keep_going, force, site)
+
+
+def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bool, force: bool,
+               site: bool = False) -> list[NotebookRun]:
+    from .datafile import active_settings, validate
+
     get_profile(profile)  # validate early
+    paths = discover_notebooks(only=only)
+    if get_profile(profile).name == "paper" or active_settings().active:
+        validate(profile, [p.stem for p in paths])  # every problem at once, before any compute
     for name in mark_killed_runs(profile):
         print(f"[reproduce:{profile}] {name}: its last run was killed; recorded as interrupted", flush=True)
     runs = []
     shared = shared_inputs(profile)
-    for path in discover_notebooks(only=only):
+    for path in paths:
         fingerprint = inputs_fingerprint(path, profile, shared)
         if not force and _reusable(path, profile, fingerprint):
             import json
@@ -341,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-execute notebooks whose inputs did not change")
     parser.add_argument("--site", action="store_true",
                         help="then build the companion site reports/<profile>/site (python -m medlib.site build)")
+    parser.add_argument("--data", help="a data file (TOML, see data.example.toml): sources, weights folder, overrides")
+    parser.add_argument("--override", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="profile fields to change, e.g. eval.finetune_epochs=1 backbone.compare=dinov2-vit-s14")
     parser.add_argument("--refresh-committed", action="store_true",
                         help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
     args = parser.parse_args(argv)
@@ -348,7 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         for path in discover_notebooks(only=args.only):
             print(f"[refresh] {path.stem} on {args.profile} -> {refresh_committed(path, args.profile, args.kernel)}")
         return 0
-    runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force, site=args.site)
+    from .datafile import DataFileError
+
+    try:
+        runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force, site=args.site,
+                         data=args.data,
+                         overrides=args.override)
+    except DataFileError as err:
+        print(str(err), file=sys.stderr)
+        return 2
     failed = [r for r in runs if r.status != "ok"]
     for r in failed:
         print(f"FAILED {r.notebook}: {r.error} (partial notebook: {r.output})", file=sys.stderr)

@@ -187,6 +187,33 @@ def scoreboard_markdown(profile: str | Profile, sections: list[StudySection] | N
     return lines
 
 
+def _paper_data_sentence(p: Profile) -> str:
+    """The header's data sentence for ``paper``: real sources, and every phantom stand-in named."""
+    from .datafile import active_settings, phantom_stand_ins
+
+    stand_ins = phantom_stand_ins(p)
+    where = active_settings().data_file
+    text = "the data sets named per data key in the table below" + (
+        f" (data file <code>{html.escape(where.name)}</code>)" if where else "")
+    if stand_ins:
+        text += (f"; <b>phantom stand-ins, not real data,</b> for {', '.join(stand_ins)}: results on those are "
+                 "not reproductions")
+    return text + "."
+
+
+def _sources_section(p: Profile) -> list[str]:
+    """``paper`` (or a run with a data file): the source of every data key, phantom stand-ins flagged."""
+    from .datafile import active_settings, sources_markdown
+
+    settings = active_settings()
+    if p.name != "paper" and not settings.active:
+        return []
+    lines = ["## Data sources", "", *sources_markdown(p), ""]
+    if settings.overrides:
+        lines += ["Overrides: " + ", ".join(f"`{k}={v}`" for k, v in settings.overrides.items()) + ".", ""]
+    return lines
+
+
 def figure_caption(png: Path) -> str:
     """A figure's caption: its title from the provenance record ``save_figure`` wrote, else its file name."""
     record = png.with_suffix(".json")
@@ -205,7 +232,7 @@ def _profile_box(p: Profile) -> list[str]:
             + ("procedural phantoms and self-trained stand-in backbones (embedded), so the <i>ours</i> columns "
                "are <b>not</b> reproductions of the papers' numbers: compare which method wins and how curves "
                "move, not levels." if embedded else
-               "the real data sets and weights named in the profile's sources.") + "</div>", ""]
+               _paper_data_sentence(p)) + "</div>", ""]
 
 
 def _run_commits(p: Profile) -> str:
@@ -235,7 +262,7 @@ def summary_markdown(profile: str | Profile, notebooks_dir: Path | None = None, 
     figure_path = figure_path or (lambda png: _rel(png, out_dir))
     table_link = table_link or (lambda csv: _rel(csv, out_dir))
     caption = caption or figure_caption
-    lines = [f"# Summary of the four studies - profile `{p.name}`", "", *_profile_box(p),
+    lines = [f"# Summary of the four studies - profile `{p.name}`", "", *_profile_box(p), *_sources_section(p),
              "Each table below sets our figure (`ours`) beside the published one (`published`), measured on the "
              "profile above. Each figure links to the executed notebook that made it. "
              + _run_commits(p) + f" Page written {time.strftime('%Y-%m-%d')}.", "",

@@ -69,7 +69,7 @@ def test_registry_names_and_timm_archs():
     for family in ("ssl-natural", "sup-natural", "sup-cxr", "ssl-us", "ssl-knee", "random"):
         for suffix in ("vit-smoke", "vit-tiny", "vit-s14"):
             assert f"{family}-{suffix}" in names
-    assert len(names) == 8 + 4 + 6 * 3
+    assert len(names) == 8 + 5 + 6 * 3  # DINOv2, other real names (incl. vit-b16-mimic-cxr), embedded
     assert [n for n in names if bb.BACKBONES[n].is_dinov2] == list_backbones(source="hub")[:8] == sorted(
         n for n in names if n.startswith("dinov2-"))
     assert set(list_backbones(kind="cnn")) == {"resnet50-in1k", "radimagenet-resnet50", "efficientnet-lite0.in1k"}
@@ -306,7 +306,7 @@ def test_missing_real_weights_say_where_to_get_them(empty_embedded):
         create_backbone("dinov2-vit-s14")
     msg = str(err.value)
     for part in ("timm/vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth", "weights=",
-                 "MEDLIB_WEIGHTS_DIR/dinov2-vit-s14.safetensors", "never downloads"):
+                 "MEDLIB_WEIGHTS_DIR/dinov2-vit-s14.safetensors", "downloading is not allowed"):
         assert part in msg
     with pytest.raises(WeightsNotFoundError, match="timm/resnet50.a1_in1k"):
         create_backbone("resnet50-in1k")

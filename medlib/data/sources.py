@@ -164,6 +164,7 @@ RadImageNet thyroid ultrasound as a binary task::
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import inspect
 import json
@@ -1407,3 +1408,79 @@ __all__ = [
     "DataError", "NAMED_WINDOWS", "MEDMNIST_TASKS", "fit_image", "load_source", "medmnist_file", "parse_spec",
     "read_dicom", "read_image_file", "register_source", "registered_schemes", "select_split", "to_uint8",
 ]
+
+
+# --------------------------------------------------------------------------- checking a spec without loading it
+
+#: Schemes whose path is a file or folder on disk (the others name a built-in family or a MedMNIST flag).
+PATH_SCHEMES = ("dicom", "folder", "csv", "segfolder", "radimagenet")
+#: Schemes that generate their images (stand-ins, never real data).
+GENERATED_SCHEMES = ("phantom", "natural")
+
+
+def check_spec(spec: str) -> list[str]:
+    """Problems that would stop ``load_source(spec)``, found without reading any image (empty list: none found).
+
+    Checks the syntax, the scheme, the loader's parameters and that every file or folder the spec
+    names (path, ``labels=`` CSV, ``masks=`` folders, the MedMNIST ``.npz``) exists.
+    """
+    try:
+        scheme, path, params = parse_spec(spec)
+    except DataError as err:
+        return [str(err)]
+    if scheme not in _REGISTRY:
+        close = difflib.get_close_matches(scheme, registered_schemes(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"{spec!r}: unknown scheme {scheme!r}{hint}; registered schemes: {', '.join(registered_schemes())}"]
+    try:
+        _check_params(_REGISTRY[scheme], scheme, params)
+    except DataError as err:
+        return [f"{spec!r}: {err}"]
+    problems: list[str] = []
+    if scheme == "medmnist":
+        try:
+            npz = medmnist_file(path, int(params.get("size", 28)), params.get("root"))
+        except DataError as err:
+            return [f"{spec!r}: {err}"]
+        if not npz.is_file():
+            problems.append(f"{spec!r}: MedMNIST+ file {npz} not found (download it with the medmnist package or "
+                            "from https://zenodo.org/records/10519652 and pass root= or set medmnist_root)")
+    elif scheme in PATH_SCHEMES:
+        target = Path(path).expanduser()
+        if not target.exists():
+            problems.append(f"{spec!r}: {target} does not exist")
+        base = target if target.is_dir() else target.parent
+        labels = params.get("labels")
+        if labels and scheme == "folder" and not _relative_to(base, str(labels)).is_file():
+            problems.append(f"{spec!r}: label CSV {_relative_to(base, str(labels))} not found")
+        if scheme == "segfolder":
+            for folder in _split_list(params.get("masks") or ""):
+                mask_dir = _relative_to(target.parent, folder)
+                if not mask_dir.is_dir():
+                    problems.append(f"{spec!r}: mask folder {mask_dir} not found")
+    return problems
+
+
+def _relative_to(base: Path, name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def absolute_spec(spec: str, root: str | Path) -> str:
+    """``spec`` with a relative path (of the path schemes) or a missing MedMNIST ``root=`` resolved against ``root``."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep:
+        return spec
+    path, q, query = rest.partition("?")
+    name = scheme.strip().lower()
+    if name in PATH_SCHEMES and path.strip() and not Path(unquote(path.strip())).expanduser().is_absolute():
+        return f"{scheme}:{(Path(root).expanduser() / unquote(path.strip())).as_posix()}{q}{query}"
+    return spec
+
+
+def medmnist_with_root(spec: str, root: str | Path) -> str:
+    """A ``medmnist:`` spec with ``root=`` added when it has none (other specs unchanged)."""
+    scheme, sep, rest = spec.partition(":")
+    if scheme.strip().lower() != "medmnist" or "root=" in rest:
+        return spec
+    return f"{spec}{'&' if '?' in rest else '?'}root={Path(root).expanduser().as_posix()}"

@@ -188,13 +188,21 @@ def load_pretrained_vae(name: str, image_size: int):
     """A public diffusers ``AutoencoderKL`` by name or local folder (``paper``); a clear error when offline."""
     from diffusers import AutoencoderKL
 
-    try:
-        vae = AutoencoderKL.from_pretrained(name)
-    except (OSError, ValueError) as err:
+    from ..models.backbones import locate_vae
+
+    # the same rule as the backbones: a folder, the weights folders, the Hugging Face cache, an allowed download;
+    # else fail at once (diffusers' own hub fallback would retry for a minute offline)
+    folder, looked = locate_vae(name, download=True)
+    if folder is None:
         raise LDMNotBuiltError(
-            f"The VAE {name!r} is not on this machine and cannot be downloaded here ({type(err).__name__}). "
-            f"With internet: `huggingface-cli download {name}`; offline: copy its folder (config.json + "
-            "diffusion_pytorch_model.safetensors) here and set diffusion.pretrained_vae to that folder.") from err
+            f"The VAE {name!r} is not on this machine; looked at: {'; '.join(looked)}. With internet: "
+            f"`hf download {name}` (into the Hugging Face cache) or allow_download = true in the data file; "
+            "offline: copy its folder (config.json + diffusion_pytorch_model.safetensors) into the weights folder "
+            f"as {name.rsplit('/', 1)[-1]}/, or set diffusion.pretrained_vae to that folder.")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise LDMNotBuiltError(f"The VAE folder {folder} (for {name!r}) cannot be read: {err}") from err
     vae.register_to_config(sample_size=int(image_size))
     return vae.eval().requires_grad_(False)
 

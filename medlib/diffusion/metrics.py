@@ -434,6 +434,8 @@ def fd_backbone_name(profile: "str | Profile") -> str:
     from ..config import get_profile
 
     prof = get_profile(profile)
+    if prof.diffusion.fd_backbone:
+        return prof.diffusion.fd_backbone
     if prof.name == "paper":
         return "dinov2-vit-l14"
     ssl = [name for name in prof.backbone.compare if name.startswith("ssl-")]

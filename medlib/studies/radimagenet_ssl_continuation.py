@@ -128,6 +128,8 @@ CV_TASKS: Mapping[str, CVTask] = {
     "meniscus_mri": CVTask("knee", "meniscal_tear", "knee", "Meniscus MRI",
                            "RadImageNet knee MRI, meniscal tear (4201 images)"),
 }
+#: data key of the images a continuation trains on, when the profile names one (else the recipe's phantoms)
+SSL_SOURCE_KEYS: Mapping[str, str] = {"us": "ssl_us_images", "knee": "ssl_knee_images"}
 #: continued-SSL family of each domain (recipes in medlib.models.build.RECIPES)
 DOMAIN_FAMILIES: Mapping[str, str] = {"us": "ssl-us", "knee": "ssl-knee"}
 
@@ -380,7 +382,14 @@ def continue_ssl(domain: str, profile: Profile | str, device: str = "auto", prog
                             f"{name}: no weights, and its start point {p.eval.cv_ssl_vit!r} is missing too "
                             f"({str(err).split('. ')[0]}); left out")
     recipe = RECIPES[DOMAIN_FAMILIES[domain]]
-    data = load_data(recipe, p, size=min(max(64, 2 * cfg.global_size), max(64, p.data.phantom_size)))
+    size = min(max(64, 2 * cfg.global_size), max(64, p.data.phantom_size))
+    key = SSL_SOURCE_KEYS[domain]
+    if key in p.data.sources:  # real domain images (paper: RadImageNet US / knee MR); labels unused
+        from ..data.sources import load_source
+
+        data = load_source(p.data.sources[key])
+    else:
+        data = load_data(recipe, p, size=size)
     run_dir = cache_dir() / "crossval_ssl" / stable_hash({
         "ssl": dataclasses.asdict(cfg), "data": data.name, "n": len(data), "seed": p.seed,
         "init": p.eval.cv_ssl_vit, "init_weights": file_hash(init.weights_path) if init.weights_path else None})

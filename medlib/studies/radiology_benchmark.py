@@ -78,9 +78,12 @@ class BenchmarkDataset:
 STUDY1_DATASETS: Mapping[str, BenchmarkDataset] = {
     "chest_xray": BenchmarkDataset("cxr", {"site": 0}, "cxr_multilabel", "NIH ChestX-ray14 / CheXpert (multi-label)"),
     "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)"),
-    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, None, "knee MRI ACL tear (MRNet-like)"),
+    "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, "knee_mri", "knee MRI ACL tear (MRNet-like)"),
     "breast_us": BenchmarkDataset("breast_us", {}, "breast_us", "breast ultrasound, benign vs malignant"),
 }
+#: Segmentation: the data key of a masked set replacing a benchmark's own images (``paper``: Montgomery / JSRT /
+#: Shenzhen lung masks, an AMOS-like CT organ set); without one the benchmark's own images (phantoms have masks).
+SEG_SOURCE_KEYS: Mapping[str, str] = {"chest_xray": "cxr_segmentation", "ct_organs": "ct_segmentation"}
 
 
 def load_datasets(profile: Profile | str, names: Sequence[str] | None = None,
@@ -560,10 +563,16 @@ SCRATCH = "U-Net from scratch"
 
 def segmentation_sets(datasets: Mapping[str, ImageSet], profile: Profile | str
                       ) -> dict[str, dict[str, ImageSet]]:
-    """Train / val / test ImageSets (patient-grouped) of the first ``eval.seg_images`` images of each data set."""
+    """Train / val / test ImageSets (patient-grouped) of the first ``eval.seg_images`` images of each data set.
+
+    A data set named in :data:`SEG_SOURCE_KEYS` whose key the profile's sources name is replaced by that source.
+    """
     p = get_profile(profile)
     out = {}
     for name, ds in datasets.items():
+        key = SEG_SOURCE_KEYS.get(name)
+        if key and key in p.data.sources:
+            ds = load_source(p.data.sources[key])
         if ds.masks is None or not ds.mask_names:
             raise ValueError(f"data set {name!r} ({ds.name}) has no masks; segmentation needs label maps")
         n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
