@@ -70,9 +70,9 @@ STUDENT_DIR ?= build/student
 student: setup
 	$(PY) -m medlib.teaching student --out $(STUDENT_DIR)
 
-# re-execute the committed notebooks/*.ipynb on the smoke profile (their outputs are what nbval replays)
+# the committed notebooks/*.ipynb show the tiny run's outputs (reports/tiny); nbval re-executes them on smoke
 notebooks: setup
-	$(NBVAL_ENV) $(PY) -m medlib.reproduce --profile smoke --refresh-committed
+	$(PY) -m medlib.reproduce --profile tiny --publish-committed
 
 backbones: setup
 	$(PY) -m medlib.models build all --profile $(PROFILE)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PROFILE_NAMES, get_profile, repo_root, reports_dir
+from .config import PROFILE_NAMES, display_path, get_profile, repo_root, reports_dir
 from .reporting import write_run_record
 
 
@@ -360,6 +360,36 @@ def refresh_committed(py_path: Path, profile: str = "smoke", kernel: str = "medl
     return out
 
 
+def publish_committed(py_path: Path, profile: str = "tiny") -> Path:
+    """Write a notebook's committed ``.ipynb``: the ``.py``'s cells with the outputs of its executed ``profile`` report.
+
+    A code cell whose source changed since that run keeps no output (and no execution count), so a
+    stale publication is visible; papermill's injected-parameters cell and run metadata are left out.
+    """
+    import jupytext
+    import nbformat
+
+    report = reports_dir(profile) / f"{py_path.stem}.ipynb"
+    if not report.is_file():
+        raise FileNotFoundError(f"{display_path(report)} does not exist: run `make reproduce PROFILE={profile}` first.")
+    executed = nbformat.read(report, as_version=4)
+    ran = {}
+    for cell in executed.cells:
+        if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", []):
+            ran.setdefault(cell.source.strip(), cell)
+    nb = jupytext.read(py_path)
+    nb.metadata.setdefault("jupytext", {})["formats"] = "ipynb,py:percent"
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        match = ran.get(cell.source.strip())
+        cell.outputs = list(match.outputs) if match is not None else []
+        cell.execution_count = match.execution_count if match is not None else None
+    out = py_path.with_suffix(".ipynb")
+    jupytext.write(nb, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: ``python -m medlib.reproduce --profile tiny``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -375,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile fields to change, e.g. eval.finetune_epochs=1 backbone.compare=dinov2-vit-s14")
     parser.add_argument("--refresh-committed", action="store_true",
                         help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
+    parser.add_argument("--publish-committed", action="store_true",
+                        help="instead: write notebooks/*.ipynb with the outputs of the profile's executed reports")
     args = parser.parse_args(argv)
+    if args.publish_committed:
+        for path in discover_notebooks(only=args.only):
+            print(f"[publish] {path.stem}: {args.profile} outputs -> {display_path(publish_committed(path, args.profile))}")
+        return 0
     if args.refresh_committed:
         for path in discover_notebooks(only=args.only):
             print(f"[refresh] {path.stem} on {args.profile} -> {refresh_committed(path, args.profile, args.kernel)}")

@@ -33,7 +33,7 @@ def test_committed_ipynb_holds_executed_outputs(py):
     nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.get("execution_count") for c in code), \
-        f"{py.with_suffix('.ipynb').name} must be committed executed (smoke outputs) for nbval"
+        f"{py.with_suffix('.ipynb').name} must be committed executed (the tiny run's outputs: make notebooks)"
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)

@@ -254,3 +254,32 @@ def test_a_kernel_that_dies_is_recorded_as_failed(nb_dir, tmp_path):
     assert run.status == "failed" and "Dead" in run.error
     record = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())["06_dies"]
     assert record["status"] == "failed"
+
+
+def test_publish_committed_takes_outputs_of_matching_cells_only(tmp_path, monkeypatch):
+    import jupytext
+    import nbformat
+
+    from medlib import reproduce
+
+    py = tmp_path / "07_toy.py"
+    py.write_text("# %% tags=[\"parameters\"]\nprofile = None\n\n# %%\nx = 1\nx\n\n# %%\ny = 2\n")
+    executed = jupytext.read(py)
+    injected = nbformat.v4.new_code_cell('profile = "tiny"', metadata={"tags": ["injected-parameters"]})
+    executed.cells.insert(1, injected)
+    for i, cell in enumerate(executed.cells):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"out{i}")]
+    executed.cells[3].source = "y = 3"  # the .py changed since the run
+    reports = tmp_path / "reports" / "tiny"
+    reports.mkdir(parents=True)
+    nbformat.write(executed, reports / "07_toy.ipynb")
+    monkeypatch.setattr(reproduce, "reports_dir", lambda profile: reports)
+    out = reproduce.publish_committed(py, "tiny")
+    nb = nbformat.read(out, as_version=4)
+    assert [c.source for c in nb.cells] == [c.source for c in jupytext.read(py).cells]  # inputs of the .py
+    assert 'profile = "tiny"' not in [c.source for c in nb.cells]
+    assert nb.cells[1].outputs[0]["text"] == "out2" and nb.cells[1].execution_count == 3
+    assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None  # stale cell shows no old output
+    with pytest.raises(FileNotFoundError, match="make reproduce"):
+        reproduce.publish_committed(tmp_path / "08_missing.py", "tiny")
