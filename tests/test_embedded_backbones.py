@@ -204,3 +204,26 @@ def test_gpu_profile_build_path_runs_at_vit_s14_shapes_on_cpu(tmp_path, monkeypa
         assert feats["cls"].shape == (1, 384) and feats["grid"].shape == (1, 384, 16, 16)
         assert torch.isfinite(feats["cls"]).all()
     assert checked == ["ssl-natural-vit-s14", "ssl-knee-vit-s14", "sup-cxr-vit-s14"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("build")
+def test_a_rebuild_reproduces_the_weights(tmp_path, monkeypatch):
+    """`make backbones` is seeded by the profile: two builds in two empty caches give identical weights."""
+    from safetensors.torch import load_file
+
+    from medlib.models import build as build_module
+
+    monkeypatch.setattr(build_module, "_health", lambda name, model, profile, device: {
+        "passed": False, "mean_auroc_gain": float("nan"), "mean_auroc_gain_unshifted": float("nan"),
+        "replaced_in_test": True})
+    for name in ("ssl-natural-vit-smoke", "sup-natural-vit-smoke"):
+        states = []
+        for run in ("a", "b"):
+            monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path / run))
+            weights = build(name, "smoke", device="cpu", progress=False)
+            assert str(weights).startswith(str(tmp_path / run))
+            states.append(load_file(str(weights)))
+            assert json.loads(weights.with_suffix(".json").read_text())["training"]["seeded"] == 0
+        assert states[0].keys() == states[1].keys()
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), f"{name}: a rebuild differs"

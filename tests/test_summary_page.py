@@ -14,7 +14,7 @@ from medlib.reporting import paper_vs_ours, save_table
 
 NOTEBOOK = textwrap.dedent('''\
     # %% [markdown]
-    # # 07 - A study of seven things (seed 007)
+    # # 07 - A study of seven things (Doe et al. 2031)
     #
     # Some text.
 
@@ -70,7 +70,7 @@ def test_paper_column_detection(tmp_path):
 def test_notebook_title_and_assumptions(folders):
     _, notebooks = folders
     py = notebooks / "07_seven.py"
-    assert summary_page.notebook_title(py) == "07 - A study of seven things (seed 007)"
+    assert summary_page.notebook_title(py) == "07 - A study of seven things (Doe et al. 2031)"
     assert summary_page.notebook_assumptions(py) == ("**Our assumptions, in one place**: seven is enough; "
                                                      "the moon is made of cheese.")
     assert summary_page.notebook_assumptions(notebooks / "08_eight.py") == ""
@@ -85,7 +85,7 @@ def test_write_summary_gathers_paper_tables_figures_and_links(folders):
     assert html_path == reports / "summary.html"
     md = (reports / "summary.md").read_text()
     assert "profile `smoke`" in md and "<b>not</b> reproductions" in md
-    assert "| 07 - A study of seven things (seed 007) | ok | 12.5 | [07_seven.html](07_seven.html) |" in md
+    assert "| 07 - A study of seven things (Doe et al. 2031) | ok | 12.5 | [07_seven.html](07_seven.html) |" in md
     assert "| 08_eight | not run | - | - |" in md
     assert "### 07_vs_paper" in md and "0.889" in md and "07_internal" not in md  # only tables with a paper column
     assert "[![07_curve_smoke](../../figures/07_curve_smoke.png)](07_seven.html)" in md  # figure -> its report

@@ -11,7 +11,7 @@ down (most combinations are unique). Fractions count patients, not images.
 
 Few-shot draws (:func:`few_shot_indices`) come only from a given pool (the training
 indices), so a few-shot training set never holds a validation or test image - the defect B2
-of seed 002's code, where few-shot runs silently merged val into train.
+of the public code of Baharoon et al. 2023, where few-shot runs silently merged val into train.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def few_shot_repeats(ds: ImageSet, pool: np.ndarray, n: int, seeds: Sequence[int
 
 
 def evenly_spaced_indices(pool: np.ndarray, n: int) -> np.ndarray:
-    """n indices evenly spaced through ``pool`` in its order (seed 002's deterministic few-shot protocol)."""
+    """n indices evenly spaced through ``pool`` in its order (the deterministic few-shot protocol)."""
     pool = np.asarray(pool)
     if pool.size == 0:
         raise ValueError("evenly_spaced_indices: the pool is empty")

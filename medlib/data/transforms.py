@@ -4,14 +4,14 @@ Everything works on torch tensors (``torchvision.transforms.v2.functional`` for 
 so batches can be transformed on the GPU and no PIL sits in the hot path. Randomness comes
 from an explicit ``torch.Generator``: the same generator state gives the same augmentation.
 
-- Eval (seed 002): resize the shorter side to ``resize`` (default ``size * 256 / 224``),
+- Eval (Baharoon et al. 2023): resize the shorter side to ``resize`` (default ``size * 256 / 224``),
   centre-crop ``size``, then :func:`normalize_batch`.
 - Train: optional rotation, RandomResizedCrop(size, scale, ratio), horizontal flip (along
-  the width, the last dimension - seed 002's code flipped vertically under that name,
+  the width, the last dimension - the public code of Baharoon et al. 2023 flipped vertically under that name,
   defect B7), optional vertical flip, then :func:`normalize_batch`.
 - Normalisation: ``"imagenet"`` = per-image min-max to [0, 1] then ImageNet mean / std (seed
   002's protocol); ``"minmax"`` = per-image min-max only; ``"none"`` = pixel / 255 only
-  (seed 003: no intensity normalisation).
+  (Tayebi Arasteh et al. 2023: no intensity normalisation).
 """
 
 from __future__ import annotations

@@ -405,7 +405,7 @@ def build_ldm(profile: str | Profile = "tiny", device: str = "auto", progress: b
         "name": ldm_name(p), "profile": p.name, "recipe_hash": expected,
         "recipe": {k: asdict(cfg)[k] for k in TRAIN_FIELDS}, "seed": p.seed,
         "what": "latent diffusion model conditioned on the GLOBAL tokens (CLS, pooled, registers) of a frozen "
-                "image encoder, trained by the project (DiNO-Diffusion recipe, seed 000)",
+                "image encoder, trained by the project (the DiNO-Diffusion recipe of Jimenez-Perez et al. 2024)",
         "condition_encoder": {"name": backbone.name, "is_dinov2": bool(backbone.spec.is_dinov2),
                               "image_size": cfg.encoder_image_size, "tokens": list(pipe.image_encoder.config.tokens),
                               "num_tokens": pipe.num_condition_tokens, "weights_hash": weights_hash},

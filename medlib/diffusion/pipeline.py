@@ -1,4 +1,4 @@
-"""DiNO-Diffusion (seed 000): a latent diffusion model conditioned on a frozen DINO encoder's GLOBAL tokens.
+"""DiNO-Diffusion (Jimenez-Perez et al. 2024): a latent diffusion model conditioned on a frozen DINO encoder's GLOBAL tokens.
 
 :class:`DiNODiffusionPipeline` is a diffusers ``DiffusionPipeline`` with four components:
 

@@ -1,6 +1,6 @@
 """The small VAE of the latent diffusion model: a diffusers ``AutoencoderKL`` config, its training and its metrics.
 
-The paper's VAE is not described (seed 000, UNKNOWN). Our choice: a one-channel (grayscale) AutoencoderKL,
+The paper's VAE is not described (Jimenez-Perez et al. 2024 leave it unspecified). Our choice: a one-channel (grayscale) AutoencoderKL,
 because radiographs are grey and a 1-channel VAE halves the work of the first and last convolutions;
 ``in_channels=3`` works the same way for colour data. It downsamples by ``2 ** (len(block_out_channels) - 1)``
 (x4 with three blocks, x8 with four) into ``latent_channels`` (4) channels, and is trained with an L1 (or MSE)

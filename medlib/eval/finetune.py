@@ -3,7 +3,7 @@
 One loop for every study: the supervised embedded backbones, study 1's full / LoRA / BitFit
 fine-tuning, study 2's initialisation comparison and study 3's 5-fold grid. Selection uses the
 validation set only (never the test set: protocol defect B5), and the epoch with the best
-validation score is really restored at the end (seed 001's code forgot to copy it).
+validation score is really restored at the end (the public code of Lange & Shekel 2024 forgot to copy it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class FinetuneConfig:
     backbone_lr: float | None = None  # None: same as lr; 0: backbone frozen (a probe)
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
-    pos_weight: bool = False  # seed 003: BCE pos_weight = negatives / positives per label
+    pos_weight: bool = False  # Tayebi Arasteh et al. 2023: BCE pos_weight = negatives / positives per label
     select_on: str = "val_loss"  # or "val_auroc"
     clip_grad: float | None = 3.0
     label_smoothing: float = 0.0

@@ -12,7 +12,7 @@ Families (names say what the weights are; nothing here is DINOv2):
 - ``sup-cxr``: supervised multi-label on chest phantoms of site 5, a site no study tests on
   (stand-in for MIMIC-CXR supervised pre-training).
 - ``ssl-us`` / ``ssl-knee``: the recipe continued from ``ssl-natural`` on ultrasound / knee MRI
-  phantoms with a fresh head (seed 001's continuation).
+  phantoms with a fresh head (the continuation of Lange & Shekel 2024).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..cache import git_commit, stable_hash
-from ..config import Profile, cache_dir, get_profile, override, resolve_device
+from ..config import Profile, cache_dir, get_profile, override, resolve_device, seeded_torch_rng
 from .health import (HEALTH_DRAWS, HEALTH_MARGIN, domain_tasks, draw_gains_text, extract_cls,  # noqa: F401
                      gains_text, health_check)
 
@@ -329,13 +329,15 @@ def build(name: str, profile: str | Profile = "tiny", device: str = "auto", prog
     recipe = RECIPES[family]
     start = time.perf_counter()
     work_dir = cache_dir() / "build" / name  # resumable: each SSL run has its own sub-folder
-    if recipe.kind == "ssl":
-        model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
-        run = _latest_run(work_dir)  # its run.json and history.csv, written by train_ssl
-        info.setdefault("history_sampled", _latest_history(run))  # loss curves for the notebooks
-    else:
-        model, info = _build_supervised(recipe, suffix, p, device, progress)
-        run = None
+    with seeded_torch_rng(p.seed):  # initial weights and heads from the profile's seed: a rebuild gives the same
+        if recipe.kind == "ssl":
+            model, info = _build_ssl(recipe, suffix, p, device, progress, work_dir)
+            run = _latest_run(work_dir)  # its run.json and history.csv, written by train_ssl
+            info.setdefault("history_sampled", _latest_history(run))  # loss curves for the notebooks
+        else:
+            model, info = _build_supervised(recipe, suffix, p, device, progress)
+            run = None
+    info["seeded"] = p.seed
     wall = max(time.perf_counter() - start, info.get("ssl_wall_time_s", 0.0))  # a resumed run counts its past sessions
     health = _health(name, model, p, device)
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}

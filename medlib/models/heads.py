@@ -1,8 +1,8 @@
 """Task heads on top of :class:`~medlib.models.backbones.Backbone` features.
 
-Classification: :class:`LinearHead` (the linear probe) and :class:`MLPHead` (seed 001's
+Classification: :class:`LinearHead` (the linear probe) and :class:`MLPHead` (Lange & Shekel 2024's
 CLS -> LayerNorm -> Linear(D, 256) -> ReLU -> Linear(256, n)).
-Segmentation (seed 002): :class:`LinearSegHead` (1x1 conv on the last block's normalised
+Segmentation (Baharoon et al. 2023): :class:`LinearSegHead` (1x1 conv on the last block's normalised
 patch grid, bilinear upsampling) and :class:`UNetDecoder` (the last 5 blocks' grids, 4
 up-blocks); :class:`SegmentationModel` joins a backbone and one of them. :class:`UNet` is
 the plain from-scratch U-Net baseline, which reads the image itself.
