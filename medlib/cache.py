@@ -254,13 +254,18 @@ def artifact_dir(kind: str, key: Any) -> Path:
     return cache_dir() / kind / stable_hash(key)
 
 
+#: Tracked folders that runs write into: changes there are results, not code, and do not make a commit dirty.
+RUN_OUTPUTS = ("reports", "figures")
+
+
 def git_commit() -> str:
-    """The current git commit (with ``+dirty`` when the tree has changes), or ``unknown``."""
+    """The current git commit (``+dirty`` when code, not run outputs, has uncommitted changes), or ``unknown``."""
     try:
         root = repo_root()
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){out}" for out in RUN_OUTPUTS)], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (commit or "unknown") + ("+dirty" if dirty and commit else "")
     except (OSError, subprocess.SubprocessError):

@@ -70,3 +70,25 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_run_outputs(tmp_path, monkeypatch):
+    import subprocess
+
+    from medlib import cache
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.json").write_text("1")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(cache, "repo_root", lambda: tmp_path)
+    assert not cache.git_commit().endswith("+dirty")
+    (tmp_path / "figures" / "a.json").write_text("2")  # a run rewrote a tracked figure record
+    assert not cache.git_commit().endswith("+dirty")
+    (tmp_path / "code.py").write_text("x = 2")
+    assert cache.git_commit().endswith("+dirty")
