@@ -71,7 +71,7 @@ def test_switches_follow_the_profile_and_the_device(fake_cuda):
     assert accel.switches_for("paper", "cuda").compile
     assert not accel.switches_for("gpu", "cpu").any  # the gpu profile on a CPU-only machine: plain fp32
     cpu = accel.switches_for("gpu-switches")
-    assert cpu.bf16 and cpu.compile and cpu.pin_memory and cpu.num_workers > 0 and cpu.dynamic
+    assert cpu.bf16 and cpu.compile and cpu.pin_memory and cpu.num_workers > 0 and not cpu.dynamic
 
 
 def test_a_profile_activates_its_switches_when_it_resolves_its_device():
@@ -131,7 +131,7 @@ def test_feature_loader_uses_workers_and_asks_for_pinned_memory():
 
 
 def test_features_under_the_gpu_switches_match_plain_fp32(tmp_path):
-    """bf16 + torch.compile (inductor, dynamic shapes) + workers: the same features as the fp32 eager path."""
+    """bf16 + torch.compile (inductor, one static graph: the last batch padded) + workers: the fp32 eager features."""
     from medlib.data.imageset import ImageSet
     from medlib.eval.features import extract_features
     from medlib.models.backbones import create_backbone

@@ -33,8 +33,8 @@ def test_meta_autocast_saves_what_cpu_autocast_saves_for_a_linear_layer():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
         real(x)
-    assert sorted(saved, key=str) == sorted([((16, 64), torch.bfloat16), ((64, 32), torch.bfloat16)], key=str) or \
-        sum(torch.Size(s).numel() * 2 for s, _ in saved) == 16 * 64 * 2 + 32 * 64 * 2
+    assert sorted(saved, key=str) == sorted([((16, 64), torch.bfloat16), ((64, 32), torch.bfloat16)], key=str)
+    # ... which is what the meta estimate counts (test above): 16 x 64 x 2 + 32 x 64 x 2 bytes
 
 
 def test_meta_estimate_equals_the_same_count_on_real_cpu_tensors():

@@ -203,8 +203,12 @@ def _run(backbone: Backbone, ds: ImageSet, transform: ClassificationTransform, n
     with torch.inference_mode(), quiet_pinning():
         for batch in progress_bar(loader, enabled=show, desc=f"features {backbone.name}", total=len(loader)):
             x = transform(batch, device=device)  # uint8 moved first, resized and normalised on the device
+            n = x.shape[0]
+            if compile_model and n < batch_size and not switches.dynamic:  # one static graph: pad the last batch
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
             with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 out = _batch_features(backbone, x, n_last, forward)
+            out = {name: value[:n] for name, value in out.items()}  # eval mode: padding rows change no other row
             for name in _ARRAYS:
                 chunks[name].append(out[name])
     return {name: np.concatenate(parts).astype(np.float32, copy=False) for name, parts in chunks.items()}
