@@ -166,7 +166,7 @@ def test_compile_module_and_unet_follow_the_switch():
 # ------------------------------------------------------------------------------------ diffusion, segmentation
 
 
-def test_pipeline_predict_runs_bf16_and_compiled_under_the_switches():
+def test_pipeline_predict_runs_bf16_under_the_switches():
     from medlib.diffusion.pipeline import build_pipeline
     from medlib.diffusion.vae import make_vae
     from medlib.models.backbones import create_backbone
@@ -180,8 +180,7 @@ def test_pipeline_predict_runs_bf16_and_compiled_under_the_switches():
     with torch.no_grad():
         with accel.use(accel.Switches()):
             plain = pipe.predict(latents, torch.tensor(500), tokens, 2.0)
-        with accel.use("gpu-switches"):
-            assert accel.compile_unet(pipe)
+        with accel.use("gpu-switches"):  # bf16 only: the compiled UNet (minutes to compile here) runs in notebook 04
             fast = pipe.predict(latents, torch.tensor(500), tokens, 2.0)
     assert fast.dtype is torch.float32
     torch.testing.assert_close(fast, plain, rtol=0.1, atol=0.1)
@@ -207,7 +206,7 @@ def test_fid_device_check_reaches_the_cuda_branch_decision():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reproduce")
+@pytest.mark.xdist_group("gpu-switches")  # its own group: runs beside the smoke reproduce tests
 def test_every_notebook_runs_under_the_gpu_switches(tmp_path):
     """One run of all notebooks on the gpu-switches profile (CPU): every GPU-side path, end to end."""
     env = {**os.environ, "MEDLIB_CACHE": str(tmp_path / "cache"), "MEDLIB_FIGURES": str(tmp_path / "figures"),
