@@ -353,11 +353,11 @@ _PROFILES: dict[str, Profile] = {
     # the `gpu` profile's switches (medlib.accel: bf16 autocast, torch.compile, DataLoader workers + pinned memory,
     # accelerate bf16) at the smoke profile's sizes, on the CPU: CI runs every GPU-side path without a GPU. ViT-S/14
     # (random init, no weights to build) at 56 px = 4 x 4 patches, as backbone, condition encoder and SSL continuation.
-    # Phantoms at 56 px: notebook 01's patch PCA runs at data.phantom_size, which a ViT-S/14 needs to be a multiple of 14.
+    # Phantoms at 112 px (>= 64, a multiple of 8 and 14): notebook 01 runs its patch PCA at data.phantom_size.
     "gpu-switches": Profile(
         name="gpu-switches",
         description="the gpu profile's switches (bf16, torch.compile, workers, pinned memory) at smoke sizes on the CPU: CI",
-        data=DataConfig(phantom_size=56, n_per_dataset=48, n_natural=64, n_show=8),
+        data=DataConfig(phantom_size=112, n_per_dataset=48, n_natural=64, n_show=8),
         backbone=BackboneConfig(
             arch="vit_small_patch14_dinov2", arch_kwargs=dict(img_size=56, patch_size=14), image_size=56,
             embedded_suffix="vit-s14", sup_epochs=1,
