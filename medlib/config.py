@@ -214,8 +214,12 @@ class Profile:
     diffusion: DiffusionConfig = DiffusionConfig()
 
     def resolved_device(self) -> str:
-        """The torch device string this profile runs on."""
-        return resolve_device(self.device)
+        """The torch device string this profile runs on; its accelerator switches (``medlib.accel``) become active."""
+        from .accel import activate
+
+        device = resolve_device(self.device)
+        activate(self, device)
+        return device
 
 
 _VIT_TINY_64 = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
@@ -346,6 +350,42 @@ _PROFILES: dict[str, Profile] = {
                                   n_fid=5000, fid_sweep=True, aug_ns=(4, 16, 64, 256), aug_synthetic_per_real=2,
                                   aug_steps=500, aug_batch_size=32, aug_repeats=5, seg_train_images=400,
                                   n_attention=32, fd_backbone="dinov2-vit-l14"),
+    ),
+    # the `gpu` profile's switches (medlib.accel: bf16 autocast, torch.compile, DataLoader workers + pinned memory,
+    # accelerate bf16) at the smoke profile's sizes, on the CPU: CI runs every GPU-side path without a GPU. ViT-S/14
+    # (random init, no weights to build) at 56 px = 4 x 4 patches, as backbone, condition encoder and SSL continuation.
+    # Phantoms at 112 px (>= 64, a multiple of 8 and 14): notebook 01 runs its patch PCA at data.phantom_size.
+    "gpu-switches": Profile(
+        name="gpu-switches",
+        description="the gpu profile's switches (bf16, torch.compile, workers, pinned memory) at smoke sizes on the CPU: CI",
+        data=DataConfig(phantom_size=112, n_per_dataset=48, n_natural=64, n_show=8),
+        backbone=BackboneConfig(
+            arch="vit_small_patch14_dinov2", arch_kwargs=dict(img_size=56, patch_size=14), image_size=56,
+            embedded_suffix="vit-s14", sup_epochs=1,
+            compare=("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "efficientnet-lite0.in1k", "random-vit-s14"),
+        ),
+        ssl=SSLConfig(global_size=56, local_size=28, n_local=2, batch_size=8, steps=4, warmup_steps=1,
+                      teacher_temp_warmup_steps=2, n_prototypes=64, head_hidden=64, head_bottleneck=32,
+                      freeze_last_layer_steps=1, checkpoint_every=2),
+        eval=EvalConfig(knn_ks=(5,), few_shot_ns=(1, 2), few_shot_repeats=2, probe_epochs=2,
+                        probe_lrs=(1e-2,), finetune_epochs=1, finetune_batch_size=8, seg_epochs=1,
+                        folds=2, bootstrap=50, batch_size=16, logreg_n_c=3, seg_images=24, seg_repeats=1,
+                        init_images=(40, 48, 28, 32, 36), init_epochs=1, init_batch_size=8, init_lr=1e-4,
+                        init_head_lr=1e-3, init_fractions=(0.5, 1.0),
+                        seg_lrs=(1e-1,),
+                        cv_epochs=2, cv_lrs=(1e-4,), cv_batch_sizes=(8,), cv_medical_images=16, cv_medical_epochs=1,
+                        cv_ssl_vit="random-vit-s14", cv_continued_suffix="vit-s14", cv_ssl_fallback_steps=2),
+        device="cpu",
+        num_workers=2,
+        diffusion=DiffusionConfig(image_size=32, n_per_site=16, encoder="random-vit-s14", encoder_image_size=56,
+                                  vae_channels=(8, 16, 16),
+                                  vae_steps=3, vae_batch_size=8, unet_channels=(16, 32), cross_attention_dim=32,
+                                  attention_head_dim=8, ldm_steps=4, ldm_batch_size=8, ldm_warmup_steps=1,
+                                  checkpoint_every=2, num_inference_steps=4, guidance_scales=(1.0, 3.0),
+                                  step_grid=(2, 4), n_show=3, seeds_per_image=2, n_interpolations=1,
+                                  interpolation_steps=4, n_fid=12, fid=False, n_downstream=120, aug_target="no_finding",
+                                  aug_ns=(3,), aug_steps=2, aug_batch_size=4, aug_repeats=2, seg_train_images=12,
+                                  n_attention=3),
     ),
 }
 
@@ -525,9 +565,13 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def autocast_dtype(device: str):
-    """bf16 on GPUs that support it, otherwise None (fp32)."""
+    """bf16 on GPUs that support it, and on the CPU while the active switches say so (``medlib.accel``); else None (fp32)."""
     import torch
 
+    from .accel import active_switches
+
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device == "cpu" and active_switches().bf16:
         return torch.bfloat16
     return None

@@ -469,7 +469,20 @@ def load_ldm(profile: str | Profile, device: str = "cpu", allow_stale: bool = Fa
 
 
 def get_ldm(profile: str | Profile, device: str = "auto", progress: bool = True, build: bool = True) -> LDMHandle:
-    """The profile's LDM: loaded when fresh, else built now by :func:`build_ldm` (resumable) and loaded."""
+    """The profile's LDM: loaded when fresh, else built now by :func:`build_ldm` (resumable) and loaded.
+
+    Under the active switches' ``compile`` (``medlib.accel``: the ``gpu`` / ``paper`` profiles on a GPU,
+    ``gpu-switches`` on the CPU) the pipeline's UNet is compiled in place for sampling.
+    """
+    handle = _get_ldm(profile, device, progress, build)
+    from ..accel import compile_unet
+
+    if compile_unet(handle.pipe):
+        handle.notes.append("UNet compiled (torch.compile) for sampling")
+    return handle
+
+
+def _get_ldm(profile: str | Profile, device: str, progress: bool, build: bool) -> LDMHandle:
     p = get_profile(profile)
     device = resolve_device(device)
     status, reason = ldm_status(p)

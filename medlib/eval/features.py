@@ -13,8 +13,10 @@ a hash of its parameters, so two random inits never share features), the images'
 fingerprint, the transform, the image size and ``n_last``. A backbone changed in memory
 after loading from a file (fine-tuned, LoRA-merged) keeps its file's key: pass ``cache=False``.
 
-On a GPU, uint8 batches go from pinned memory to the device, are transformed there and run
-under bf16 autocast (optionally through ``torch.compile``); on a CPU the path is plain fp32.
+On a GPU, uint8 batches come from DataLoader workers in pinned memory, go to the device, are transformed
+there and run under bf16 autocast (through ``torch.compile`` in the ``gpu`` / ``paper`` profiles); on a CPU
+the path is plain fp32 in the main process, except under the ``gpu-switches`` profile, which runs the GPU's
+switches on the CPU (:mod:`medlib.accel`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..accel import active_switches, feature_loader, quiet_pinning
 from ..cache import (CorruptCacheError, array_fingerprint, artifact_dir, discard_entry, entry_lock, file_hash,
                      load_npy, provenance, save_json, save_npy)
 from ..config import autocast_dtype, resolve_device
@@ -186,21 +189,26 @@ def _batch_features(backbone: Backbone, x: torch.Tensor, n_last: int, forward: A
 
 def _run(backbone: Backbone, ds: ImageSet, transform: ClassificationTransform, n_last: int, batch_size: int,
          device: str, compile_model: bool, show: bool) -> dict[str, np.ndarray]:
-    """Extract all features of ``ds`` in batches on ``device`` (bf16 autocast on GPUs)."""
+    """Extract all features of ``ds`` in batches on ``device`` (bf16 autocast on GPUs and under the GPU switches).
+
+    Batches come from :func:`medlib.accel.feature_loader`: in the main process on a plain CPU run, from the
+    active switches' DataLoader workers into pinned memory on a GPU (or under ``gpu-switches``).
+    """
     backbone.eval().to(device)
-    on_gpu = device.startswith("cuda")
     dtype = autocast_dtype(device)
-    forward = torch.compile(backbone.features) if compile_model else backbone.features
+    switches = active_switches()
+    forward = torch.compile(backbone.features, dynamic=switches.dynamic) if compile_model else backbone.features
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
-    starts = range(0, len(ds), batch_size)
-    with torch.inference_mode():
-        for start in progress_bar(starts, enabled=show, desc=f"features {backbone.name}", total=len(starts)):
-            batch = torch.from_numpy(np.array(ds.images[start:start + batch_size]))  # a writable copy (memmaps are not)
-            if on_gpu:
-                batch = batch.pin_memory()
+    loader = feature_loader(ds.images, batch_size, device, switches)
+    with torch.inference_mode(), quiet_pinning():
+        for batch in progress_bar(loader, enabled=show, desc=f"features {backbone.name}", total=len(loader)):
             x = transform(batch, device=device)  # uint8 moved first, resized and normalised on the device
+            n = x.shape[0]
+            if compile_model and n < batch_size and not switches.dynamic:  # one static graph: pad the last batch
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
             with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 out = _batch_features(backbone, x, n_last, forward)
+            out = {name: value[:n] for name, value in out.items()}  # eval mode: padding rows change no other row
             for name in _ARRAYS:
                 chunks[name].append(out[name])
     return {name: np.concatenate(parts).astype(np.float32, copy=False) for name, parts in chunks.items()}
@@ -208,8 +216,10 @@ def _run(backbone: Backbone, ds: ImageSet, transform: ClassificationTransform, n
 
 def extract_features(backbone: Backbone | str, ds: ImageSet, *, image_size: int | None = None, n_last: int = 4,
                      batch_size: int = 128, device: str = "auto", cache: bool = True, progress: bool = False,
-                     compile_model: bool = False) -> FeatureSet:
+                     compile_model: bool | None = None) -> FeatureSet:
     """CLS, pooled patch tokens and the last ``n_last`` blocks' CLS of every image, cached on disk.
+
+    ``compile_model`` (``torch.compile`` the forward) defaults to the active switches (``medlib.accel``).
 
     ``backbone`` is a Backbone or a registry name; ``image_size`` defaults to the backbone's.
     ``n_last`` is capped at the backbone's depth (a CNN always gives one "layer"); the
@@ -217,6 +227,8 @@ def extract_features(backbone: Backbone | str, ds: ImageSet, *, image_size: int 
     """
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, image_size=image_size)
+    if compile_model is None:
+        compile_model = active_switches().compile
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n_last < 1:
