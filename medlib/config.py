@@ -18,7 +18,6 @@ from typing import Iterator
 
 import numpy as np
 
-PROFILE_NAMES = ("smoke", "tiny", "gpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -292,7 +291,7 @@ _PROFILES: dict[str, Profile] = {
     "gpu": Profile(
         name="gpu",
         description="paper-like sizes (224 px, ViT-S/14) on embedded data, self-trained: one GPU",
-        data=DataConfig(phantom_size=256, n_per_dataset=8000, n_natural=50000, n_show=16),
+        data=DataConfig(phantom_size=224, n_per_dataset=8000, n_natural=50000, n_show=16),  # a multiple of patch 14
         backbone=BackboneConfig(
             arch="vit_small_patch14_dinov2", arch_kwargs=_VIT_S14_224, image_size=224,
             embedded_suffix="vit-s14", sup_epochs=30,
@@ -388,6 +387,10 @@ _PROFILES: dict[str, Profile] = {
                                   n_attention=3),
     ),
 }
+
+
+#: Every profile name, for command lines (`--profile`).
+PROFILE_NAMES = tuple(_PROFILES)
 
 
 def get_profile(name: str | Profile) -> Profile:

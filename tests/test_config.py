@@ -100,3 +100,11 @@ def test_display_path_is_the_same_on_every_machine(tmp_path, monkeypatch):
     assert display_path(tmp_path / "somewhere" / "kind" / "a.npy") == "<cache>/kind/a.npy"
     assert display_path(repo_root() / "medlib" / "config.py") == "medlib/config.py"
     assert display_path("/elsewhere/file") == "/elsewhere/file"
+
+
+def test_patch14_profiles_draw_phantoms_at_a_multiple_of_the_patch():
+    """Notebook 01's patch PCA reads the phantoms at data.phantom_size: a ViT-S/14 needs a multiple of 14."""
+    for name in PROFILE_NAMES:
+        p = get_profile(name)
+        if "patch14" in p.backbone.arch:
+            assert p.data.phantom_size % 14 == 0, (name, p.data.phantom_size)
