@@ -32,30 +32,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: the overrides of the dry run (the same keys a researcher may use to shrink a run)
 DRY_RUN_OVERRIDES = {
-    "data.n_per_dataset": 40, "data.n_show": 4, "data.phantom_size": 56,
-    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
-    "ssl.global_size": 56, "ssl.local_size": 28, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
+    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 56,
+    "backbone.image_size": 28, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
+    "ssl.global_size": 28, "ssl.local_size": 14, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
     "ssl.warmup_steps": 1, "ssl.teacher_temp_warmup_steps": 1, "ssl.n_prototypes": 64, "ssl.head_hidden": 64,
     "ssl.head_bottleneck": 32, "ssl.freeze_last_layer_steps": 1, "ssl.checkpoint_every": 1,
-    "eval.knn_ks": [5], "eval.few_shot_ns": [1, 2], "eval.few_shot_repeats": 2, "eval.probe_epochs": 2,
+    "eval.knn_ks": [5], "eval.few_shot_ns": [1], "eval.few_shot_repeats": 1, "eval.probe_epochs": 1,
     "eval.probe_lrs": [1e-2], "eval.finetune_epochs": 1, "eval.finetune_batch_size": 8, "eval.seg_epochs": 1,
-    "eval.folds": 2, "eval.bootstrap": 50, "eval.batch_size": 16, "eval.logreg_n_c": 3, "eval.seg_images": 24,
-    "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 16,
+    "eval.folds": 2, "eval.bootstrap": 20, "eval.batch_size": 32, "eval.logreg_n_c": 2, "eval.seg_images": 16,
+    "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 8,
     "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [0, 3, 4],
-    "eval.init_images": [40, 40, 40], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
+    "eval.init_images": [24, 24, 24], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
     "eval.init_head_lr": 1e-3, "eval.init_fractions": [0.5, 1.0],
     "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [8],
     "eval.cv_imagenet_cnn": "efficientnet-lite0.in1k", "eval.cv_ssl_fallback_steps": 2,
-    "diffusion.image_size": 64, "diffusion.encoder": "dinov2-vit-s14-reg4", "diffusion.encoder_image_size": 56,
+    "diffusion.image_size": 32, "diffusion.encoder": "dinov2-vit-s14-reg4", "diffusion.encoder_image_size": 28,
     "diffusion.unet_channels": [16, 32], "diffusion.unet_layers_per_block": 1, "diffusion.cross_attention_dim": 32,
-    "diffusion.attention_head_dim": 8, "diffusion.ldm_steps": 4, "diffusion.ldm_batch_size": 8,
-    "diffusion.ldm_warmup_steps": 1, "diffusion.checkpoint_every": 2, "diffusion.num_inference_steps": 4,
-    "diffusion.guidance_scales": [1.0, 3.0], "diffusion.step_grid": [2, 4], "diffusion.n_show": 3,
-    "diffusion.seeds_per_image": 2, "diffusion.n_interpolations": 1, "diffusion.interpolation_steps": 4,
-    "diffusion.n_fid": 12, "diffusion.fid": False, "diffusion.fid_sweep": False, "diffusion.n_downstream": 40,
-    "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [3], "diffusion.aug_steps": 2,
-    "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2, "diffusion.seg_train_images": 12,
-    "diffusion.n_attention": 3, "diffusion.fd_backbone": "dinov2-vit-s14", "eval.init_ablation_site": 3,
+    "diffusion.attention_head_dim": 8, "diffusion.ldm_steps": 2, "diffusion.ldm_batch_size": 4,
+    "diffusion.ldm_warmup_steps": 1, "diffusion.checkpoint_every": 2, "diffusion.num_inference_steps": 2,
+    "diffusion.guidance_scale": 1.0, "diffusion.guidance_scales": [1.0, 3.0], "diffusion.step_grid": [2, 3],
+    "diffusion.n_show": 2, "diffusion.seeds_per_image": 2, "diffusion.n_interpolations": 1,
+    "diffusion.interpolation_steps": 3, "diffusion.n_fid": 8, "diffusion.fid": False, "diffusion.fid_sweep": False,
+    "diffusion.n_downstream": 32, "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [2],
+    "diffusion.aug_steps": 1, "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2,
+    "diffusion.seg_train_images": 8, "diffusion.n_attention": 2, "diffusion.fd_backbone": "dinov2-vit-s14",
+    "eval.init_ablation_site": 3,
 }
 CHEST = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
 
@@ -239,10 +240,6 @@ def dry_run_env(root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("reproduce")
-@pytest.mark.xfail(strict=False, reason="notebook 04's mask-transfer study needs a downstream chest set with labels "
-                   "AND masks; in paper it reads diffusion.source_key (cxr_multilabel, no masks): cell 22 "
-                   "'has no masks'. Needs a downstream key (e.g. cxr_segmentation with labels) in "
-                   "medlib.studies.dino_diffusion.load_downstream. Notebooks 00-03 pass.")
 def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
     data_file = build_download(tmp_path)
     env = {k: v for k, v in dry_run_env(tmp_path).items() if k not in ("MEDLIB_WEIGHTS_DIR", "MEDLIB_DATA_FILE",
@@ -267,4 +264,4 @@ def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
         assert needle in tables, needle
     record = json.loads(next((reports / "tables").glob("*.json")).read_text())
     assert record["data_file"] == str(data_file) and record["phantom_stand_ins"] == []
-    assert record["overrides"]["backbone.image_size"] == "56"
+    assert record["overrides"]["backbone.image_size"] == "28"
