@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: the overrides of the dry run (the same keys a researcher may use to shrink a run)
 DRY_RUN_OVERRIDES = {
-    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 56,
+    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 64,
     "backbone.image_size": 28, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
     "ssl.global_size": 28, "ssl.local_size": 14, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
     "ssl.warmup_steps": 1, "ssl.teacher_temp_warmup_steps": 1, "ssl.n_prototypes": 64, "ssl.head_hidden": 64,
