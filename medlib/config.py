@@ -199,6 +199,7 @@ class DiffusionConfig:
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
     n_attention: int = 8  # images whose cross-attention maps are scored
     fd_backbone: str = ""  # backbone of FD_SSL ("" = the profile's embedded SSL ViT; paper: DINOv2 ViT-L/14)
+    fd_image_size: int = 0  # input size of notebook 04's FD_SSL / PRDC / retrieval features (0 = the backbone's own)
 
 
 @dataclass(frozen=True)

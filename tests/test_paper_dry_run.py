@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: the overrides of the dry run (the same keys a researcher may use to shrink a run)
 DRY_RUN_OVERRIDES = {
-    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 64,
-    "backbone.image_size": 28, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
+    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 70,
+    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
     "ssl.global_size": 28, "ssl.local_size": 14, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
     "ssl.warmup_steps": 1, "ssl.teacher_temp_warmup_steps": 1, "ssl.n_prototypes": 64, "ssl.head_hidden": 64,
     "ssl.head_bottleneck": 32, "ssl.freeze_last_layer_steps": 1, "ssl.checkpoint_every": 1,
@@ -56,6 +56,7 @@ DRY_RUN_OVERRIDES = {
     "diffusion.n_downstream": 32, "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [2],
     "diffusion.aug_steps": 1, "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2,
     "diffusion.seg_train_images": 8, "diffusion.n_attention": 2, "diffusion.fd_backbone": "dinov2-vit-s14",
+    "diffusion.fd_image_size": 56, "eval.cv_images": 24,
     "eval.init_ablation_site": 3,
 }
 CHEST = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
@@ -264,4 +265,4 @@ def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
         assert needle in tables, needle
     record = json.loads(next((reports / "tables").glob("*.json")).read_text())
     assert record["data_file"] == str(data_file) and record["phantom_stand_ins"] == []
-    assert record["overrides"]["backbone.image_size"] == "28"
+    assert record["overrides"]["backbone.image_size"] == "56"

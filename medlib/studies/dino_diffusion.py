@@ -195,7 +195,8 @@ def _fd_backbone(profile: Profile):
     from ..models.backbones import create_backbone
     from ..diffusion import metrics
 
-    return create_backbone(metrics.fd_backbone_name(profile))
+    size = int(profile.diffusion.fd_image_size)
+    return create_backbone(metrics.fd_backbone_name(profile), **({"image_size": size} if size > 0 else {}))
 
 
 @dataclass
