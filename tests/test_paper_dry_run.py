@@ -8,12 +8,19 @@ the hub's own layout holding ``timm/vit_small_patch14_reg4_dinov2.lvd142m`` (rea
 ``stabilityai/sd-vae-ft-mse`` (the hub layout, a small config); MedMNIST+ ``.npz`` files; an
 NIH-style folder with ``Data_Entry_2017.csv``; a CheXpert-style CSV; segmentation folders
 (lung / organ masks); a RadImageNet-style tree - and a data file naming them. The run uses
-``--override`` to stay as fast as the ``smoke`` profile on one CPU core: 56 px images, a few
-steps, and backbone names chosen so that only ViT-S/14-sized real checkpoints are built (real-shape
+``--override`` to stay within about three minutes on one contended CPU core: 56 px backbone inputs
+(the smallest size both ViT-S/14 and the patch-8 embedded ViT of notebook 02 take; 4 x 4 patches),
+28 / 14 px SSL crops, 32 px LDM images with 28 px encoder inputs, FD_SSL features at 56 px
+(``diffusion.fd_image_size``; at the backbone's own 224 px they were most of notebook 04's time),
+a couple of dozen images per set, one epoch / one or two steps, two folds, 20 bootstrap resamples,
+and backbone names chosen so that only ViT-S/14-sized real checkpoints are built (real-shape
 ViT-B/L/g files with random values would be large and slow on a CPU): ``dinov2-vit-s14`` stands
 for the DINOv2 arms, ``dinov2-vit-s14-reg4`` for notebook 04's ViT-B/14 reg4 encoder, the package's
-EfficientNet-Lite0 for the ImageNet CNNs, and the embedded ``sup-natural-vit-tiny`` for the
-supervised arm of notebook 02 (its ViT-B/16 checkpoints are too large to build here).
+EfficientNet-Lite0 for the ImageNet CNNs, ``random-vit-s14`` for the random-init baseline notebook
+01's exercises compare against, and the embedded ``sup-natural-vit-tiny`` for the supervised arm of
+notebook 02 (its ViT-B/16 checkpoints are too large to build here). Notebook 04 reads two chest
+keys: ``cxr_multilabel`` (LDM images, augmentation labels) and ``cxr_segmentation`` (the
+Montgomery-style ``segfolder:`` set of the mask transfer and the attention maps).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: the overrides of the dry run (the same keys a researcher may use to shrink a run)
 DRY_RUN_OVERRIDES = {
     "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 70,
-    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
+    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k", "random-vit-s14"],
     "ssl.global_size": 28, "ssl.local_size": 14, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
     "ssl.warmup_steps": 1, "ssl.teacher_temp_warmup_steps": 1, "ssl.n_prototypes": 64, "ssl.head_hidden": 64,
     "ssl.head_bottleneck": 32, "ssl.freeze_last_layer_steps": 1, "ssl.checkpoint_every": 1,
