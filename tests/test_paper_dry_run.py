@@ -51,7 +51,7 @@ DRY_RUN_OVERRIDES = {
     "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [0, 3, 4],
     "eval.init_images": [24, 24, 24], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
     "eval.init_head_lr": 1e-3, "eval.init_fractions": [0.5, 1.0],
-    "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [8],
+    "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [16],
     "eval.cv_imagenet_cnn": "efficientnet-lite0.in1k", "eval.cv_ssl_fallback_steps": 2,
     "diffusion.image_size": 32, "diffusion.encoder": "dinov2-vit-s14-reg4", "diffusion.encoder_image_size": 28,
     "diffusion.unet_channels": [16, 32], "diffusion.unet_layers_per_block": 1, "diffusion.cross_attention_dim": 32,
@@ -63,7 +63,7 @@ DRY_RUN_OVERRIDES = {
     "diffusion.n_downstream": 32, "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [2],
     "diffusion.aug_steps": 1, "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2,
     "diffusion.seg_train_images": 8, "diffusion.n_attention": 2, "diffusion.fd_backbone": "dinov2-vit-s14",
-    "diffusion.fd_image_size": 56, "eval.cv_images": 24,
+    "diffusion.fd_image_size": 56, "eval.cv_images": 20,
     "eval.init_ablation_site": 3,
 }
 CHEST = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
