@@ -46,7 +46,7 @@ DRY_RUN_OVERRIDES = {
     "ssl.head_bottleneck": 32, "ssl.freeze_last_layer_steps": 1, "ssl.checkpoint_every": 1,
     "eval.knn_ks": [5], "eval.few_shot_ns": [1], "eval.few_shot_repeats": 1, "eval.probe_epochs": 1,
     "eval.probe_lrs": [1e-2], "eval.finetune_epochs": 1, "eval.finetune_batch_size": 8, "eval.seg_epochs": 1,
-    "eval.folds": 2, "eval.bootstrap": 20, "eval.batch_size": 32, "eval.logreg_n_c": 2, "eval.seg_images": 16,
+    "eval.folds": 2, "eval.bootstrap": 20, "eval.batch_size": 32, "eval.logreg_n_c": 2, "eval.seg_images": 12,
     "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 8,
     "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [0, 3, 4],
     "eval.init_images": [24, 24, 24], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
@@ -63,7 +63,7 @@ DRY_RUN_OVERRIDES = {
     "diffusion.n_downstream": 32, "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [2],
     "diffusion.aug_steps": 1, "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2,
     "diffusion.seg_train_images": 8, "diffusion.n_attention": 2, "diffusion.fd_backbone": "dinov2-vit-s14",
-    "diffusion.fd_image_size": 56, "eval.cv_images": 20,
+    "diffusion.fd_image_size": 56, "eval.cv_images": 16,
     "eval.init_ablation_site": 3,
 }
 CHEST = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
@@ -270,6 +270,8 @@ def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
     assert "phantom:" not in tables  # no data set of any table is a phantom
     for needle in ("medmnist:chestmnist", "folder:", "radimagenet:", "segfolder:"):
         assert needle in tables, needle
+    # notebook 04's mask transfer read the masked chest set (cxr_segmentation), not the labelled one
+    assert "montgomery/images" in (reports / "tables" / "04_summary.csv").read_text()
     record = json.loads(next((reports / "tables").glob("*.json")).read_text())
     assert record["data_file"] == str(data_file) and record["phantom_stand_ins"] == []
     assert record["overrides"]["backbone.image_size"] == "56"
