@@ -65,7 +65,7 @@ def test_paper_profile_names_the_public_components():
 
 
 def test_pretrained_vae_offline_error_says_what_to_do(tmp_path):
-    with pytest.raises(B.LDMNotBuiltError, match="huggingface-cli download"):
+    with pytest.raises(B.LDMNotBuiltError, match="hf download"):
         B.load_pretrained_vae(str(tmp_path / "no-such-vae"), 64)
 
 
