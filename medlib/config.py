@@ -145,7 +145,10 @@ class DiffusionConfig:
     train_sites: tuple[int, ...] = (1, 2, 3, 4)  # chest-phantom sites the LDM trains on, unlabelled
     n_per_site: int = 600  # phantoms per training site
     heldout_fraction: float = 0.1  # patients held out of LDM training (FID reference, memorisation)
-    source_key: str = ""  # key of data.sources replacing the phantoms as unlabelled training data (paper)
+    source_key: str = ""  # key of data.sources replacing the phantoms as unlabelled training data (paper); its labels
+    # also feed the augmentation study (study.load_downstream)
+    seg_source_key: str = ""  # key of data.sources with chest images + lung masks for the mask-transfer study and the
+    # attention maps (paper: cxr_segmentation); "" = the downstream set itself (site-0 phantoms carry labels and masks)
     encoder: str = "ssl-natural-vit-tiny"  # frozen condition backbone (paper: DINOv2 ViT-B/14 reg4)
     encoder_image_size: int = 64
     tokens: tuple[str, ...] = ("cls", "pooled", "registers")  # global tokens only
@@ -195,6 +198,7 @@ class DiffusionConfig:
     seg_train_images: int = 80  # images whose tokens (and masks) train the mask-transfer segmenter
     n_attention: int = 8  # images whose cross-attention maps are scored
     fd_backbone: str = ""  # backbone of FD_SSL ("" = the profile's embedded SSL ViT; paper: DINOv2 ViT-L/14)
+    fd_image_size: int = 0  # input size of notebook 04's FD_SSL / PRDC / retrieval features (0 = the backbone's own)
 
 
 @dataclass(frozen=True)
@@ -340,7 +344,8 @@ _PROFILES: dict[str, Profile] = {
                         cv_imagenet_cnn="resnet50-in1k", cv_medical_cnn="radimagenet-resnet50",
                         cv_ssl_vit="dinov2-vit-s14", cv_continued_suffix="vit-s14", cv_ssl_steps_fraction=1.0),
         num_workers=8,
-        diffusion=DiffusionConfig(image_size=256, source_key="cxr_multilabel", encoder="dinov2-vit-b14-reg4",
+        diffusion=DiffusionConfig(image_size=256, source_key="cxr_multilabel", seg_source_key="cxr_segmentation",
+                                  encoder="dinov2-vit-b14-reg4",
                                   encoder_image_size=224, pretrained_vae="stabilityai/sd-vae-ft-mse",
                                   unet_channels=(128, 256, 512), unet_layers_per_block=2, cross_attention_dim=768,
                                   attention_head_dim=64, ldm_steps=50000, ldm_batch_size=128, ldm_lr=1e-4,

@@ -65,10 +65,13 @@ class DataKey:
 
 
 #: Every data key a notebook reads (notebook 02 only those of ``eval.init_sites``; 03 the ``ssl_*`` ones only
-#: when the continued backbones' weights are missing; 04 the key named by ``diffusion.source_key``).
+#: when the continued backbones' weights are missing; 04 the keys named by ``diffusion.source_key``, the LDM's
+#: images and the augmentation study's labels, and ``diffusion.seg_source_key``, the masked chest set of the
+#: mask-transfer study and the attention maps).
 DATA_KEYS: Mapping[str, DataKey] = {k.key: k for k in (
     DataKey("cxr_multilabel", ("01", "04"), "NIH ChestX-ray14 / CheXpert (study 1 classification); the unlabelled "
-            "MIMIC-CXR / CheXpert images of DiNO-Diffusion (study 4, diffusion.source_key)", "multi-label chest X-ray",
+            "MIMIC-CXR / CheXpert images of DiNO-Diffusion and its augmentation study's labels (study 4, "
+            "diffusion.source_key)", "multi-label chest X-ray",
             "medmnist:chestmnist?size=224"),
     DataKey("organ_ct", ("01",), "abdominal CT organ classification (OrganAMNIST, from BTCV / AMOS-like CT)",
             "multi-class CT slices", "medmnist:organamnist?size=224"),
@@ -76,8 +79,9 @@ DATA_KEYS: Mapping[str, DataKey] = {k.key: k for k in (
             "radimagenet:radimagenet?modality=MR&anatomy=knee&positive=acl_pathology&size=224"),
     DataKey("breast_us", ("01", "03"), "breast ultrasound, benign vs malignant (BreastMNIST / BUSI; RadImageNet "
             "breast US in study 3)", "binary ultrasound", "medmnist:breastmnist?size=224"),
-    DataKey("cxr_segmentation", ("01",), "chest X-ray lung (and heart) masks: Montgomery, JSRT (SCR masks), Shenzhen",
-            "images + masks", "segfolder:MontgomerySet/CXR_png?masks=ManualMask/leftMask,ManualMask/rightMask"
+    DataKey("cxr_segmentation", ("01", "04"), "chest X-ray lung (and heart) masks: Montgomery, JSRT (SCR masks), "
+            "Shenzhen (study 1 segmentation; study 4's mask transfer and attention maps, diffusion.seg_source_key)",
+            "images + lung masks", "segfolder:MontgomerySet/CXR_png?masks=ManualMask/leftMask,ManualMask/rightMask"
             "&mask_names=left_lung,right_lung&size=224"),
     DataKey("ct_segmentation", ("01",), "abdominal CT organ masks (AMOS, BTCV or another CT organ set, as 2-D slices)",
             "images + masks", "segfolder:amos_slices/images?masks=labels&size=224"),
@@ -401,7 +405,8 @@ def notebook_keys(profile: Any, notebook: str) -> list[str]:
         keys = ["thyroid_us", "breast_us", "acl_mri", "meniscus_mri"]
         return keys + [SSL_DOMAIN_KEYS[d] for d in SSL_DOMAIN_KEYS if not _continued_weights_found(profile, d)]
     if number == "04":
-        return [profile.diffusion.source_key] if profile.diffusion.source_key else []
+        keys = [profile.diffusion.source_key, profile.diffusion.seg_source_key]
+        return [k for i, k in enumerate(keys) if k and k not in keys[:i]]
     return []
 
 

@@ -73,6 +73,21 @@ def test_paper_without_a_source_is_an_error_listing_every_missing_key(settings_e
     assert "allow_phantom" in msg
 
 
+def test_notebook_04_reads_a_labelled_and_a_masked_chest_key(settings_env, tmp_path):
+    p = get_profile("paper")
+    assert datafile.notebook_keys(p, "04") == ["cxr_multilabel", "cxr_segmentation"]
+    assert "04" in DATA_KEYS["cxr_segmentation"].notebooks
+    for smaller in ("smoke", "tiny"):  # embedded profiles: the site-0 phantoms carry labels and masks
+        assert datafile.notebook_keys(get_profile(smaller), "04") == []
+    (tmp_path / "medmnist").mkdir()
+    path = _write(tmp_path, '[sources]\ncxr_multilabel = "medmnist:chestmnist?size=64&root=medmnist"\n')
+    settings_env(path)
+    with pytest.raises(DataFileError) as err:
+        validate("paper", ["04"], check_weights=False)
+    msg = str(err.value)
+    assert "notebook 04: data key 'cxr_segmentation'" in msg and "segfolder:" in msg
+
+
 def test_allowed_phantom_passes_and_is_named_everywhere(settings_env, tmp_path):
     settings_env(_write(tmp_path, 'allow_phantom = true\n'))
     validate("paper", ["01"], check_weights=False)

@@ -65,7 +65,7 @@ def test_paper_profile_names_the_public_components():
 
 
 def test_pretrained_vae_offline_error_says_what_to_do(tmp_path):
-    with pytest.raises(B.LDMNotBuiltError, match="huggingface-cli download"):
+    with pytest.raises(B.LDMNotBuiltError, match="hf download"):
         B.load_pretrained_vae(str(tmp_path / "no-such-vae"), 64)
 
 
@@ -485,6 +485,30 @@ def test_claims_table_judges_the_four_claims_by_the_rule():
                         semantics=semantics, seg_classes=seg).set_index("id")
     assert c2.loc[1, "verdict"] == "not reproduced" and c2.loc["2b", "verdict"] == "not reproduced"
     assert c2.loc["2a", "verdict"] == "inconclusive"
+
+
+def test_mask_downstream_is_the_masked_source_in_paper_and_the_downstream_set_otherwise(tmp_path):
+    from PIL import Image
+
+    ds, split = X.load_downstream(TEST_PROFILE)
+    same, same_split = X.load_mask_downstream(TEST_PROFILE, ds, split)
+    assert same is ds and same_split is split  # embedded profiles: the phantoms carry labels and masks
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        for folder in ("images", "leftMask", "rightMask"):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            array = rng.integers(0, 256, (40, 40), dtype=np.uint8) if folder == "images" else \
+                np.where(rng.random((40, 40)) < 0.3, 255, 0).astype(np.uint8)
+            Image.fromarray(array).save(tmp_path / folder / f"case{i}.png")
+    spec = f"segfolder:{tmp_path}/images?masks=leftMask,rightMask&mask_names=left_lung,right_lung&size=40"
+    p = dataclasses.replace(TEST_PROFILE, data=dataclasses.replace(
+        TEST_PROFILE.data, sources={**TEST_PROFILE.data.sources, "cxr_segmentation": spec}))
+    p = override(p, **{"diffusion.seg_source_key": "cxr_segmentation"})
+    masked, masked_split = X.load_mask_downstream(p, ds, split)
+    assert len(masked) == 10 and masked.mask_names == ["left_lung", "right_lung"]
+    assert masked.images.shape[1:] == (p.diffusion.image_size,) * 2 == masked.masks.shape[1:]
+    assert sorted(np.concatenate(list(masked_split.values())).tolist()) == list(range(10))
+    assert get_profile("paper").diffusion.seg_source_key == "cxr_segmentation"
 
 
 def test_mask_transfer_uses_no_real_masks_for_training(built):

@@ -8,12 +8,19 @@ the hub's own layout holding ``timm/vit_small_patch14_reg4_dinov2.lvd142m`` (rea
 ``stabilityai/sd-vae-ft-mse`` (the hub layout, a small config); MedMNIST+ ``.npz`` files; an
 NIH-style folder with ``Data_Entry_2017.csv``; a CheXpert-style CSV; segmentation folders
 (lung / organ masks); a RadImageNet-style tree - and a data file naming them. The run uses
-``--override`` to stay as fast as the ``smoke`` profile on one CPU core: 56 px images, a few
-steps, and backbone names chosen so that only ViT-S/14-sized real checkpoints are built (real-shape
+``--override`` to stay within about three minutes on one contended CPU core: 56 px backbone inputs
+(the smallest size both ViT-S/14 and the patch-8 embedded ViT of notebook 02 take; 4 x 4 patches),
+28 / 14 px SSL crops, 32 px LDM images with 28 px encoder inputs, FD_SSL features at 56 px
+(``diffusion.fd_image_size``; at the backbone's own 224 px they were most of notebook 04's time),
+a couple of dozen images per set, one epoch / one or two steps, two folds, 20 bootstrap resamples,
+and backbone names chosen so that only ViT-S/14-sized real checkpoints are built (real-shape
 ViT-B/L/g files with random values would be large and slow on a CPU): ``dinov2-vit-s14`` stands
 for the DINOv2 arms, ``dinov2-vit-s14-reg4`` for notebook 04's ViT-B/14 reg4 encoder, the package's
-EfficientNet-Lite0 for the ImageNet CNNs, and the embedded ``sup-natural-vit-tiny`` for the
-supervised arm of notebook 02 (its ViT-B/16 checkpoints are too large to build here).
+EfficientNet-Lite0 for the ImageNet CNNs, ``random-vit-s14`` for the random-init baseline notebook
+01's exercises compare against, and the embedded ``sup-natural-vit-tiny`` for the supervised arm of
+notebook 02 (its ViT-B/16 checkpoints are too large to build here). Notebook 04 reads two chest
+keys: ``cxr_multilabel`` (LDM images, augmentation labels) and ``cxr_segmentation`` (the
+Montgomery-style ``segfolder:`` set of the mask transfer and the attention maps).
 """
 
 from __future__ import annotations
@@ -32,30 +39,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: the overrides of the dry run (the same keys a researcher may use to shrink a run)
 DRY_RUN_OVERRIDES = {
-    "data.n_per_dataset": 40, "data.n_show": 4, "data.phantom_size": 56,
-    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k"],
-    "ssl.global_size": 56, "ssl.local_size": 28, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
+    "data.n_per_dataset": 32, "data.n_show": 3, "data.phantom_size": 70,
+    "backbone.image_size": 56, "backbone.compare": ["dinov2-vit-s14", "efficientnet-lite0.in1k", "random-vit-s14"],
+    "ssl.global_size": 28, "ssl.local_size": 14, "ssl.n_local": 2, "ssl.batch_size": 4, "ssl.steps": 2,
     "ssl.warmup_steps": 1, "ssl.teacher_temp_warmup_steps": 1, "ssl.n_prototypes": 64, "ssl.head_hidden": 64,
     "ssl.head_bottleneck": 32, "ssl.freeze_last_layer_steps": 1, "ssl.checkpoint_every": 1,
-    "eval.knn_ks": [5], "eval.few_shot_ns": [1, 2], "eval.few_shot_repeats": 2, "eval.probe_epochs": 2,
+    "eval.knn_ks": [5], "eval.few_shot_ns": [1], "eval.few_shot_repeats": 1, "eval.probe_epochs": 1,
     "eval.probe_lrs": [1e-2], "eval.finetune_epochs": 1, "eval.finetune_batch_size": 8, "eval.seg_epochs": 1,
-    "eval.folds": 2, "eval.bootstrap": 50, "eval.batch_size": 16, "eval.logreg_n_c": 3, "eval.seg_images": 24,
-    "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 16,
+    "eval.folds": 2, "eval.bootstrap": 20, "eval.batch_size": 32, "eval.logreg_n_c": 2, "eval.seg_images": 12,
+    "eval.seg_repeats": 1, "eval.seg_lrs": [1e-1], "eval.peft_train_images": 8,
     "eval.init_arms": ["dinov2-vit-s14", "sup-natural-vit-tiny"], "eval.init_sites": [0, 3, 4],
-    "eval.init_images": [40, 40, 40], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
+    "eval.init_images": [24, 24, 24], "eval.init_epochs": 1, "eval.init_batch_size": 8, "eval.init_lr": 1e-4,
     "eval.init_head_lr": 1e-3, "eval.init_fractions": [0.5, 1.0],
-    "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [8],
+    "eval.cv_epochs": 1, "eval.cv_lrs": [1e-4], "eval.cv_batch_sizes": [16],
     "eval.cv_imagenet_cnn": "efficientnet-lite0.in1k", "eval.cv_ssl_fallback_steps": 2,
-    "diffusion.image_size": 64, "diffusion.encoder": "dinov2-vit-s14-reg4", "diffusion.encoder_image_size": 56,
+    "diffusion.image_size": 32, "diffusion.encoder": "dinov2-vit-s14-reg4", "diffusion.encoder_image_size": 28,
     "diffusion.unet_channels": [16, 32], "diffusion.unet_layers_per_block": 1, "diffusion.cross_attention_dim": 32,
-    "diffusion.attention_head_dim": 8, "diffusion.ldm_steps": 4, "diffusion.ldm_batch_size": 8,
-    "diffusion.ldm_warmup_steps": 1, "diffusion.checkpoint_every": 2, "diffusion.num_inference_steps": 4,
-    "diffusion.guidance_scales": [1.0, 3.0], "diffusion.step_grid": [2, 4], "diffusion.n_show": 3,
-    "diffusion.seeds_per_image": 2, "diffusion.n_interpolations": 1, "diffusion.interpolation_steps": 4,
-    "diffusion.n_fid": 12, "diffusion.fid": False, "diffusion.fid_sweep": False, "diffusion.n_downstream": 40,
-    "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [3], "diffusion.aug_steps": 2,
-    "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2, "diffusion.seg_train_images": 12,
-    "diffusion.n_attention": 3, "diffusion.fd_backbone": "dinov2-vit-s14", "eval.init_ablation_site": 3,
+    "diffusion.attention_head_dim": 8, "diffusion.ldm_steps": 2, "diffusion.ldm_batch_size": 4,
+    "diffusion.ldm_warmup_steps": 1, "diffusion.checkpoint_every": 2, "diffusion.num_inference_steps": 2,
+    "diffusion.guidance_scale": 1.0, "diffusion.guidance_scales": [1.0, 3.0], "diffusion.step_grid": [2, 3],
+    "diffusion.n_show": 2, "diffusion.seeds_per_image": 2, "diffusion.n_interpolations": 1,
+    "diffusion.interpolation_steps": 3, "diffusion.n_fid": 8, "diffusion.fid": False, "diffusion.fid_sweep": False,
+    "diffusion.n_downstream": 32, "diffusion.aug_target": "Cardiomegaly", "diffusion.aug_ns": [2],
+    "diffusion.aug_steps": 1, "diffusion.aug_batch_size": 4, "diffusion.aug_repeats": 2,
+    "diffusion.seg_train_images": 8, "diffusion.n_attention": 2, "diffusion.fd_backbone": "dinov2-vit-s14",
+    "diffusion.fd_image_size": 56, "eval.cv_images": 16,
+    "eval.init_ablation_site": 3,
 }
 CHEST = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
 
@@ -239,10 +248,6 @@ def dry_run_env(root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("reproduce")
-@pytest.mark.xfail(strict=False, reason="notebook 04's mask-transfer study needs a downstream chest set with labels "
-                   "AND masks; in paper it reads diffusion.source_key (cxr_multilabel, no masks): cell 22 "
-                   "'has no masks'. Needs a downstream key (e.g. cxr_segmentation with labels) in "
-                   "medlib.studies.dino_diffusion.load_downstream. Notebooks 00-03 pass.")
 def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
     data_file = build_download(tmp_path)
     env = {k: v for k, v in dry_run_env(tmp_path).items() if k not in ("MEDLIB_WEIGHTS_DIR", "MEDLIB_DATA_FILE",
@@ -265,6 +270,8 @@ def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
     assert "phantom:" not in tables  # no data set of any table is a phantom
     for needle in ("medmnist:chestmnist", "folder:", "radimagenet:", "segfolder:"):
         assert needle in tables, needle
+    # notebook 04's mask transfer read the masked chest set (cxr_segmentation), not the labelled one
+    assert "montgomery/images" in (reports / "tables" / "04_summary.csv").read_text()
     record = json.loads(next((reports / "tables").glob("*.json")).read_text())
     assert record["data_file"] == str(data_file) and record["phantom_stand_ins"] == []
     assert record["overrides"]["backbone.image_size"] == "56"

@@ -13,7 +13,8 @@ Notebook 04 stays a sequence of short calls to this module and to :mod:`medlib.d
 - quality: :func:`sampling_sweep` (FID / KID, FD in an SSL space and PRDC against held-out images, per
   guidance scale and number of sampling steps, with a real-vs-real floor), :func:`memorisation_study`;
 - downstream use: :func:`load_downstream` (site-0 chest phantoms with labels and lung / heart masks, a
-  site the LDM never saw), :func:`augmentation_study` (real, real + synthetic and synthetic-only
+  site the LDM never saw; ``paper``: the labelled ``diffusion.source_key`` set) and :func:`load_mask_downstream`
+  (``paper``: the masked ``diffusion.seg_source_key`` set for the segmentation parts), :func:`augmentation_study` (real, real + synthetic and synthetic-only
   classifiers at several n, AUROC with bootstrap intervals), :func:`mask_transfer_study` (zero-shot
   segmentation, protocol (a)), :func:`~medlib.diffusion.sampling.cross_attention_maps` + :func:`score_attention_maps` (protocol (b));
 - published figures (:data:`PUBLISHED`) and :func:`headline_table`; figures (``plot_*``).
@@ -194,7 +195,8 @@ def _fd_backbone(profile: Profile):
     from ..models.backbones import create_backbone
     from ..diffusion import metrics
 
-    return create_backbone(metrics.fd_backbone_name(profile))
+    size = int(profile.diffusion.fd_image_size)
+    return create_backbone(metrics.fd_backbone_name(profile), **({"image_size": size} if size > 0 else {}))
 
 
 @dataclass
@@ -362,6 +364,30 @@ def load_downstream(profile: str | Profile, progress: bool = False) -> tuple[Ima
                                    progress=progress)
     ds = resize_set(ds, cfg.image_size)
     return ds, patient_split(ds, DOWNSTREAM_SPLIT, seed=p.seed)
+
+
+def load_mask_downstream(profile: str | Profile, ds: ImageSet | None = None, split: dict[str, np.ndarray] | None = None,
+                         progress: bool = False) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """Chest images with lung masks for the mask-transfer study and the attention maps, and a patient split.
+
+    ``paper`` names them by ``diffusion.seg_source_key`` (``cxr_segmentation``: Montgomery, JSRT + SCR or
+    Shenzhen as a ``segfolder:`` source), a set other than the labelled ``diffusion.source_key`` one, which
+    has no masks; it is resized to the LDM's image size and split by patient like :func:`load_downstream`
+    (its official split when it has one). Without that key (the embedded profiles) it is the downstream set
+    itself, ``ds`` / ``split`` when given (site-0 phantoms carry labels and masks), else :func:`load_downstream`.
+    """
+    from ..data.splits import patient_split
+
+    p = get_profile(profile)
+    cfg = p.diffusion
+    if cfg.seg_source_key and cfg.seg_source_key in p.data.sources:
+        from ..data.sources import load_source
+
+        masked = resize_set(load_source(p.data.sources[cfg.seg_source_key]), cfg.image_size)
+        return masked, patient_split(masked, DOWNSTREAM_SPLIT, seed=p.seed)
+    if ds is not None and split is not None and ds.masks is not None:
+        return ds, split
+    return load_downstream(p, progress=progress)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -570,13 +596,17 @@ class MaskTransferResult:
     synthetic_train: ImageSet  # synthetic images with their conditioning images' masks
     test: ImageSet
     predictions: dict[str, np.ndarray]  # method -> (N, H, W) test label maps
+    source: str = ""  # the masked set's source string (diffusion.seg_source_key); "" = the site-0 phantoms
 
 
 def mask_transfer_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, split: dict[str, np.ndarray],
                         profile: str | Profile, *, device: str = "cpu", progress: bool = False) -> MaskTransferResult:
     """Zero-shot segmentation, protocol (a): train on (synthetic image, original mask) pairs only; test on reals.
 
-    Images with masks condition the LDM (one generation each); a U-Net from scratch (our assumption: the
+    ``ds`` / ``split`` are the downstream set of :func:`load_downstream`; where the profile names a masked
+    chest set (``diffusion.seg_source_key``, ``paper``) that set is read instead (:func:`load_mask_downstream`),
+    since the labelled set has no masks. Images with masks condition the LDM (one generation each); a U-Net
+    from scratch (our assumption: the
     paper's segmenter is unknown) trains on the synthetic images with the ORIGINAL masks, its epoch and
     lr chosen on synthetic validation pairs too (no real mask is used before the test). References: the
     same U-Net trained on the real pairs (supervised ceiling), the per-pixel majority mask of the training
@@ -588,8 +618,11 @@ def mask_transfer_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, s
     pipe = check_pipeline(pipe, "mask_transfer_study")
     p = get_profile(profile)
     cfg = p.diffusion
+    ds, split = load_mask_downstream(p, ds, split)
     if ds.masks is None or not ds.mask_names:
-        raise ValueError(f"mask_transfer_study: {ds.name!r} has no masks; protocol (a) needs images with masks.")
+        key = cfg.seg_source_key or "cxr_segmentation"
+        raise ValueError(f"mask_transfer_study: {ds.name!r} has no masks; protocol (a) needs images with masks: name "
+                         f"a chest set with lung masks as data.sources[{key!r}] (diffusion.seg_source_key).")
     n_classes = len(ds.mask_names) + 1
     train_rows = split["train"][:cfg.seg_train_images]
     val_rows = split["val"][:max(2, cfg.seg_train_images // 4)]
@@ -621,8 +654,9 @@ def mask_transfer_study(pipe: DiNODiffusionPipeline | LDMHandle, ds: ImageSet, s
     table = pd.DataFrame(rows)
     table["published_lung_dice"] = np.where(table["method"] == "mask transfer (synthetic pairs)",
                                             _published("zero-shot lung Dice"), np.nan)
+    source = p.data.sources.get(cfg.seg_source_key, "") if cfg.seg_source_key else ""
     return MaskTransferResult(table=table, lr_tables=lr_tables, synthetic_train=syn_train, test=test,
-                              predictions=predictions)
+                              predictions=predictions, source=source)
 
 
 # --------------------------------------------------------------------------- zero-shot segmentation (b)
@@ -1084,7 +1118,8 @@ def headline_table(sweep: SweepResult, augmentation: AugmentationResult, transfe
                          f"({int(small['n_per_class'])} per class, {augmentation.target}; not the best n). Absolute "
                          f"gain, {AUG_INTERVAL}, at every n: {every}"},
         {"metric": "zero-shot lung Dice", "value": transfer_row["lung_dice"],
-         "ours_setting": "mask transfer: U-Net on synthetic images + inherited masks, real site-0 test phantoms"
+         "ours_setting": "mask transfer: U-Net on synthetic images + inherited masks, "
+                         + (f"real test images of {transfer.source}" if transfer.source else "real site-0 test phantoms")
                          + (f"; image-blind majority-mask prior: {prior_dice:.3f}" if np.isfinite(prior_dice) else "")},
     ])
     table = paper_vs_ours(ours, PUBLISHED, on=["metric"], profile=p)
@@ -1275,7 +1310,8 @@ __all__ = [
     "sanity_table", "segmentation_per_class", "source_retrieval", "source_retrieval_from_features",
     "ARMS", "AugmentationResult", "DOWNSTREAM_SPLIT", "LUNG_LABELS", "MaskTransferResult", "MemorisationStudy",
     "PUBLISHED", "SweepResult", "augmentation_study", "binary_task", "choose_pairs", "cross_attention_maps",
-    "describe_ldm_data", "generate", "headline_table", "interpolation_strips", "load_downstream", "manifold_conditions",
+    "describe_ldm_data", "generate", "headline_table", "interpolation_strips", "load_downstream", "load_mask_downstream",
+    "manifold_conditions",
     "mask_prior", "mask_transfer_study", "memorisation_study", "model_card_table", "nested_draws", "plot_attention",
     "plot_augmentation", "plot_interpolations", "plot_sample_grid", "plot_segmentation", "plot_sweep",
     "plot_training_data", "reconstructions", "resize_set", "sampling_sweep", "score_attention_maps", "sweep_settings",
