@@ -333,7 +333,8 @@ _PROFILES: dict[str, Profile] = {
         backbone=BackboneConfig(
             arch="vit_base_patch14_dinov2", arch_kwargs=dict(img_size=224), image_size=224,
             embedded_suffix="vit-s14",
-            compare=("dinov2-vit-s14", "dinov2-vit-b14", "dinov2-vit-l14", "vit-b16-in21k", "resnet50-in1k"),
+            compare=("dinov2-vit-s14", "dinov2-vit-b14", "dinov2-vit-l14", "vit-b16-in21k", "resnet50-in1k",
+                     "random-vit-s14"),  # the random-init floor of ViT-S/14, as in the embedded profiles
         ),
         ssl=SSLConfig(global_size=224, local_size=98, n_local=8, batch_size=256, steps=10000, warmup_steps=1000,
                       base_lr=2e-4, n_prototypes=65536, head_hidden=2048, head_bottleneck=256, drop_path=0.4,
