@@ -61,11 +61,21 @@ _OFF = Switches()
 _active: Switches = _OFF
 
 
-def switches_for(profile: Any, device: str | None = None) -> Switches:
-    """The switches ``profile`` runs on ``device`` (default: the profile's resolved device)."""
-    from .config import get_profile, resolve_device
+def resolve_device(device: str = "auto") -> str:
+    """Map "auto" to "cuda" when a GPU is present, else "cpu"; validate explicit choices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"Device {device!r} requested but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+    return device
 
-    p = get_profile(profile)
+
+def switches_for(profile: Any, device: str | None = None) -> Switches:
+    """The switches a profile (a ``medlib.config.Profile``) runs on ``device`` (default: its resolved device)."""
+    if isinstance(profile, str):
+        raise TypeError(f"switches_for takes a Profile, not the name {profile!r}: "
+                        "pass medlib.config.get_profile(name).")
+    p = profile
     device = resolve_device(device or p.device)
     source = SWITCHES_ON_CPU.get(p.name)
     if source is None and not device.startswith("cuda"):

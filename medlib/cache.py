@@ -305,6 +305,23 @@ def _lock_hash() -> str:
     return lock_hash()
 
 
+def settings_fields() -> dict[str, Any]:
+    """What provenance records add about the data file and the overrides in force ({} when none)."""
+    from .settings import active_settings
+
+    settings = active_settings()
+    if not settings.active:
+        return {}
+    out: dict[str, Any] = {"overrides": {k: str(v) for k, v in settings.overrides.items()}}
+    if settings.data_file is not None:
+        out["data_file"] = str(settings.data_file)
+        try:
+            out["data_file_sha256"] = hashlib.sha256(settings.data_file.read_bytes()).hexdigest()
+        except OSError:
+            out["data_file_sha256"] = None
+    return out
+
+
 def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: str | None = None,
                wall_time_s: float | None = None, **extra: Any) -> dict[str, Any]:
     """A provenance record: commit, profile, seed, package versions, lock hash, data fingerprint, wall time, machine."""
@@ -318,9 +335,7 @@ def provenance(profile: Any = None, seed: int | None = None, data_fingerprint: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "lock": _lock_hash(),
     }
-    from .datafile import provenance_fields  # the data file, overrides and sources in force (none: nothing added)
-
-    record.update(provenance_fields(record["profile"] if isinstance(record["profile"], str) else None))
+    record.update(settings_fields())  # the data file and overrides in force (none: nothing added)
     if data_fingerprint is not None:
         record["data_fingerprint"] = data_fingerprint
     if wall_time_s is not None:

@@ -18,6 +18,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .accel import activate, active_switches, resolve_device  # noqa: F401  (resolve_device: re-exported)
+from .settings import active_settings, apply_settings, override  # noqa: F401  (override: re-exported)
+
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,6 @@ class Profile:
 
     def resolved_device(self) -> str:
         """The torch device string this profile runs on; its accelerator switches (``medlib.accel``) become active."""
-        from .accel import activate
-
         device = resolve_device(self.device)
         activate(self, device)
         return device
@@ -405,9 +406,7 @@ def get_profile(name: str | Profile) -> Profile:
         return name
     if name not in _PROFILES:
         raise ValueError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}.")
-    from .datafile import active_settings, apply_settings  # $MEDLIB_DATA_FILE / $MEDLIB_OVERRIDES, if set
-
-    settings = active_settings()
+    settings = active_settings()  # $MEDLIB_DATA_FILE / $MEDLIB_OVERRIDES, if set
     if not settings.active:
         return _PROFILES[name]
     cached = _APPLIED.get(name)
@@ -450,9 +449,8 @@ def check_injected_parameters(history: list[str]) -> None:
 def notebook_profile(name: str | None) -> Profile:
     """The profile a notebook runs: the papermill parameter if given, else ``$MEDLIB_PROFILE``, else ``tiny``.
 
-    A data file (``$MEDLIB_DATA_FILE``) and overrides (``$MEDLIB_OVERRIDES``) are applied, and in ``paper``
-    (or with either set) :func:`medlib.datafile.validate` checks the notebook's (``$MEDLIB_NOTEBOOK``, else
-    every notebook's) data keys, files and weights first.
+    A data file (``$MEDLIB_DATA_FILE``) and overrides (``$MEDLIB_OVERRIDES``) are applied; ``make reproduce``
+    (:func:`medlib.reproduce.reproduce`) has checked their keys, files and weights before any notebook ran.
 
     Inside a kernel, a misspelt papermill parameter (``-p profle smoke``) is an error here, not a silent
     run of the default profile.
@@ -465,34 +463,7 @@ def notebook_profile(name: str | None) -> Profile:
         shell = None
     if shell is not None:
         check_injected_parameters([str(s) for s in shell.user_ns.get("In", [])])
-    profile = get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
-    from .datafile import NOTEBOOK_ENV, active_settings, validate
-
-    notebook = os.environ.get(NOTEBOOK_ENV)
-    if profile.name == "paper" or active_settings().active:  # before any compute: every problem in one report
-        validate(profile.name, [notebook] if notebook else None)
-    return profile
-
-
-def override(profile: Profile, **changes) -> Profile:
-    """Return a copy of ``profile`` with nested fields changed, e.g. ``override(p, **{"ssl.steps": 10})``."""
-    sections: dict[str, dict] = {}
-    top: dict = {}
-    for key, value in changes.items():
-        if "." in key:
-            section, attr = key.split(".", 1)
-            if not hasattr(profile, section):
-                raise ValueError(f"Profile has no section {section!r}")
-            if not hasattr(getattr(profile, section), attr):
-                raise ValueError(f"Profile section {section!r} has no field {attr!r}")
-            sections.setdefault(section, {})[attr] = value
-        else:
-            if not hasattr(profile, key):
-                raise ValueError(f"Profile has no field {key!r}")
-            top[key] = value
-    for section, values in sections.items():
-        top[section] = dataclasses.replace(getattr(profile, section), **values)
-    return dataclasses.replace(profile, **top)
+    return get_profile(name or os.environ.get("MEDLIB_PROFILE", "tiny"))
 
 
 def repo_root() -> Path:
@@ -562,22 +533,9 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """Map "auto" to "cuda" when a GPU is present, else "cpu"; validate explicit choices."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"Device {device!r} requested but no CUDA GPU is visible; use device='cpu' or 'auto'.")
-    return device
-
-
 def autocast_dtype(device: str):
     """bf16 on GPUs that support it, and on the CPU while the active switches say so (``medlib.accel``); else None (fp32)."""
     import torch
-
-    from .accel import active_switches
 
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16

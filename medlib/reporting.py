@@ -11,8 +11,14 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .cache import atomic_path, provenance, save_json
+from .cache import atomic_path, provenance as _base_provenance, save_json
 from .config import Profile, figures_dir, get_profile, reports_dir
+from .datafile import provenance_fields
+
+
+def provenance(profile: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A provenance record (:func:`medlib.cache.provenance`) with the data file, overrides and data sources in force."""
+    return {**_base_provenance(profile=profile, **fields), **provenance_fields(profile)}
 
 MASK_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                 "#fabed4", "#469990", "#dcbeff")

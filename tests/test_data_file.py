@@ -94,7 +94,7 @@ def test_allowed_phantom_passes_and_is_named_everywhere(settings_env, tmp_path):
     p = get_profile("paper")
     assert "knee_mri" in datafile.phantom_stand_ins(p, ["01"])
     assert any("PHANTOM STAND-IN" in line for line in datafile.sources_markdown(p))
-    from medlib.cache import provenance
+    from medlib.reporting import provenance
 
     record = provenance(profile="paper")
     assert record["data_file"].endswith("my_data.toml") and "knee_mri" in record["phantom_stand_ins"]
@@ -136,19 +136,18 @@ def test_a_valid_data_file_reaches_the_studies_and_provenance(settings_env, tmp_
     assert p.data.sources["breast_us"] == f"medmnist:breastmnist?size=64&root={tmp_path}/medmnist"
     assert (p.eval.folds, p.eval.bootstrap) == (3, 10)
     validate("smoke", check_weights=False)
-    from medlib.cache import provenance
+    from medlib.reporting import provenance
 
     record = provenance(profile="smoke")
     assert record["overrides"] == {"eval.folds": "3", "eval.bootstrap": "10"}
     assert record["data_sources"]["breast_us"].startswith("medmnist:breastmnist")
 
 
-def test_notebook_profile_validates_before_any_compute(settings_env, monkeypatch):
-    monkeypatch.setenv("MEDLIB_NOTEBOOK", "02_imagenet_vs_ssl_init")
+def test_validation_is_per_notebook(settings_env):
     with pytest.raises(DataFileError, match="vindr_cxr"):
-        notebook_profile("paper")
-    monkeypatch.setenv("MEDLIB_NOTEBOOK", "00_datasets")
-    assert notebook_profile("paper").name == "paper"  # the data tour reads no key
+        datafile.validate("paper", ["02_imagenet_vs_ssl_init"])
+    datafile.validate("paper", ["00_datasets"])  # the data tour reads no key
+    assert notebook_profile("paper").name == "paper"  # the kernel applies the settings; reproduce validated
 
 
 def test_init_site_keys_match_study_2():

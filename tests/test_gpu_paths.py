@@ -30,7 +30,7 @@ from medlib import accel
 from medlib.config import autocast_dtype, get_profile, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_SWITCHES = accel.switches_for("gpu-switches")
+GPU_SWITCHES = accel.switches_for(get_profile("gpu-switches"))
 
 
 @pytest.fixture
@@ -59,18 +59,18 @@ def test_autocast_dtype_bf16_on_a_bf16_gpu_and_under_the_switches_on_the_cpu(fak
     assert autocast_dtype("cuda") is torch.bfloat16
     with accel.use(accel.Switches()):
         assert autocast_dtype("cpu") is None
-    with accel.use("gpu-switches"):
+    with accel.use(get_profile("gpu-switches")):
         assert autocast_dtype("cpu") is torch.bfloat16
 
 
 def test_switches_follow_the_profile_and_the_device(fake_cuda):
-    gpu_on_cuda = accel.switches_for("gpu", "cuda")
+    gpu_on_cuda = accel.switches_for(get_profile("gpu"), "cuda")
     assert gpu_on_cuda.compile and gpu_on_cuda.pin_memory and gpu_on_cuda.num_workers == get_profile("gpu").num_workers
     assert not gpu_on_cuda.bf16  # a GPU gets bf16 from autocast_dtype's cuda branch, not from the switch
-    assert not accel.switches_for("smoke", "cuda").compile and accel.switches_for("smoke", "cuda").pin_memory
-    assert accel.switches_for("paper", "cuda").compile
-    assert not accel.switches_for("gpu", "cpu").any  # the gpu profile on a CPU-only machine: plain fp32
-    cpu = accel.switches_for("gpu-switches")
+    assert not accel.switches_for(get_profile("smoke"), "cuda").compile and accel.switches_for(get_profile("smoke"), "cuda").pin_memory
+    assert accel.switches_for(get_profile("paper"), "cuda").compile
+    assert not accel.switches_for(get_profile("gpu"), "cpu").any  # the gpu profile on a CPU-only machine: plain fp32
+    cpu = accel.switches_for(get_profile("gpu-switches"))
     assert cpu.bf16 and cpu.compile and cpu.pin_memory and cpu.num_workers > 0 and not cpu.dynamic
 
 
@@ -104,7 +104,7 @@ def test_make_accelerator_rejects_an_indexed_cuda_device():
 def test_accelerate_runs_bf16_autocast_on_the_cpu_under_the_switches():
     from medlib.engine import make_accelerator
 
-    with accel.use("gpu-switches"):
+    with accel.use(get_profile("gpu-switches")):
         acc = make_accelerator("cpu")
         assert acc.mixed_precision == "bf16"
         model, opt = acc.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
@@ -144,7 +144,7 @@ def test_features_under_the_gpu_switches_match_plain_fp32(tmp_path):
     backbone = create_backbone("random-vit-s14", image_size=28)
     with accel.use(accel.Switches()):
         plain = extract_features(backbone, ds, batch_size=4, device="cpu", cache=False)
-    with accel.use("gpu-switches"):
+    with accel.use(get_profile("gpu-switches")):
         fast = extract_features(backbone, ds, batch_size=4, device="cpu", cache=False)  # batches 4, 4, 2
     assert fast.cls.dtype == np.float32 and fast.cls.shape == plain.cls.shape
     cos = (fast.cls * plain.cls).sum(1) / np.linalg.norm(fast.cls, axis=1) / np.linalg.norm(plain.cls, axis=1)
@@ -181,7 +181,7 @@ def test_pipeline_predict_runs_bf16_under_the_switches():
     with torch.no_grad():
         with accel.use(accel.Switches()):
             plain = pipe.predict(latents, torch.tensor(500), tokens, 2.0)
-        with accel.use("gpu-switches"):  # bf16 only: the compiled UNet (minutes to compile here) runs in notebook 04
+        with accel.use(get_profile("gpu-switches")):  # bf16 only: the compiled UNet (minutes to compile here) runs in notebook 04
             fast = pipe.predict(latents, torch.tensor(500), tokens, 2.0)
     assert fast.dtype is torch.float32
     torch.testing.assert_close(fast, plain, rtol=0.1, atol=0.1)
@@ -190,7 +190,7 @@ def test_pipeline_predict_runs_bf16_under_the_switches():
 def test_segmentation_autocast_is_bf16_under_the_switches():
     from medlib.eval.segmentation import _autocast
 
-    with accel.use("gpu-switches"), _autocast("cpu"):
+    with accel.use(get_profile("gpu-switches")), _autocast("cpu"):
         assert torch.get_autocast_dtype("cpu") is torch.bfloat16 and torch.is_autocast_enabled("cpu")
     with accel.use(accel.Switches()), _autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")

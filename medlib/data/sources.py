@@ -178,6 +178,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import unquote
 
+from ..settings import PATH_SCHEMES, absolute_spec, medmnist_with_root  # noqa: F401  (re-exported)
+
 import numpy as np
 
 from ..cache import (CorruptCacheError, artifact_dir, discard_entry, entry_lock, file_hash, load_json,
@@ -1413,7 +1415,6 @@ __all__ = [
 # --------------------------------------------------------------------------- checking a spec without loading it
 
 #: Schemes whose path is a file or folder on disk (the others name a built-in family or a MedMNIST flag).
-PATH_SCHEMES = ("dicom", "folder", "csv", "segfolder", "radimagenet")
 #: Schemes that generate their images (stand-ins, never real data).
 GENERATED_SCHEMES = ("phantom", "natural")
 
@@ -1464,23 +1465,3 @@ def check_spec(spec: str) -> list[str]:
 def _relative_to(base: Path, name: str) -> Path:
     path = Path(name).expanduser()
     return path if path.is_absolute() else base / path
-
-
-def absolute_spec(spec: str, root: str | Path) -> str:
-    """``spec`` with a relative path (of the path schemes) or a missing MedMNIST ``root=`` resolved against ``root``."""
-    scheme, sep, rest = spec.partition(":")
-    if not sep:
-        return spec
-    path, q, query = rest.partition("?")
-    name = scheme.strip().lower()
-    if name in PATH_SCHEMES and path.strip() and not Path(unquote(path.strip())).expanduser().is_absolute():
-        return f"{scheme}:{(Path(root).expanduser() / unquote(path.strip())).as_posix()}{q}{query}"
-    return spec
-
-
-def medmnist_with_root(spec: str, root: str | Path) -> str:
-    """A ``medmnist:`` spec with ``root=`` added when it has none (other specs unchanged)."""
-    scheme, sep, rest = spec.partition(":")
-    if scheme.strip().lower() != "medmnist" or "root=" in rest:
-        return spec
-    return f"{spec}{'&' if '?' in rest else '?'}root={Path(root).expanduser().as_posix()}"

@@ -279,7 +279,7 @@ ALLOW_DOWNLOAD_ENV = "MEDLIB_ALLOW_DOWNLOAD"
 
 def weights_dirs() -> list[Path]:
     """The weights folders searched, in order: the data file's ``weights_dir``, then ``$MEDLIB_WEIGHTS_DIR``."""
-    from ..datafile import active_settings
+    from ..settings import active_settings
 
     dirs = [active_settings().weights_dir]
     if os.environ.get(WEIGHTS_DIR_ENV):
@@ -293,7 +293,7 @@ def weights_dirs() -> list[Path]:
 
 def download_allowed() -> bool:
     """Whether missing hub weights may be downloaded: allowed by the user and the hub client not offline."""
-    from ..datafile import active_settings
+    from ..settings import active_settings
 
     allowed = active_settings().allow_download or os.environ.get(ALLOW_DOWNLOAD_ENV, "") in ("1", "true", "yes")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
