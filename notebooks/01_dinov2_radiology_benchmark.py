@@ -429,10 +429,12 @@ summary.round(3)
 # lr grid and batch size of the profile; few-shot segmentation with as many optimiser steps for
 # every n; the 4th U-Net up-block keeps D/8 channels; the PCA threshold and sign rule.
 #
-# Defects of the authors' code that this notebook does **not** repeat: flags read from text (B1),
-# few-shot runs merging val into train (B2), adapters without gradients (B3), segmentation
-# selected by AUROC (B4), selection on test (B5), single few-shot draws (B6), a vertical
-# "horizontal" flip (B7) - each is guarded in medlib (see the module docstrings and `tests/`).
+# Defects of the authors' public code that this notebook does **not** repeat: a boolean option read
+# from the text "False" that turns fine-tuning on; few-shot runs that silently merge the validation
+# images into training; LoRA and BitFit parameters that get no gradient because the backbone runs
+# without gradients; segmentation heads selected by AUROC instead of Dice; heads selected on the test
+# set when no validation set is given; a single few-shot draw with no interval; and a "horizontal"
+# flip that flips vertically. Each is guarded in medlib and has a test in `tests/test_protocol_defects.py`.
 
 # %% [markdown]
 # ## Findings

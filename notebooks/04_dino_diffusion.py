@@ -35,7 +35,7 @@
 #
 # Our numbers are therefore **not** the paper's numbers. Tables set them side by side so that the
 # reader can compare what each experiment shows, not the values. The paper leaves most choices open
-# (protocols.md lists them as UNKNOWN); each choice we made is marked *our assumption* where it
+# (the paper does not state them); each choice we made is marked *our assumption* where it
 # applies, and all of them are listed at the end.
 
 # %% [markdown]
