@@ -8,7 +8,7 @@ KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 #  site: the companion site (reports/<profile>/site) from the executed notebooks, offline
-.PHONY: lock setup reproduce site test test-fast bench lab sync notebooks student backbones ldm clean help
+.PHONY: lock setup browser reproduce site test test-fast bench lab sync notebooks student backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
@@ -49,7 +49,14 @@ site: setup
 # nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
 NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports
 
-test: setup
+# the site's browser check needs headless Chromium and its driver: Debian packages, installed when missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || \
+	  echo "headless Chromium is not installed (needs root and apt-get): the browser check is skipped outside CI"
+
+test: setup browser
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 	$(NBVAL_ENV) $(PY) -m pytest --nbval-lax -p no:xdist --nbval-kernel-name $(KERNEL) notebooks
 
