@@ -151,7 +151,8 @@ def clean_notebook(nb: Any, profile: str | Profile) -> Any:
     _explain_stop(nb)
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            cell.source = quote_profile_values(readable_paths(cell.source), p)
+            # links to the docs pages (../docs/glossary.md#auroc from notebooks/) point at the site's own pages
+            cell.source = quote_profile_values(readable_paths(cell.source.replace("](../docs/", "](../")), p)
             continue
         if cell.cell_type != "code":
             continue

@@ -30,10 +30,18 @@ def test_one_parameters_cell_with_profile(py):
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_ipynb_holds_executed_outputs(py):
+    """Every code cell carries the tiny run's outputs; after a cell that failed (its error shown) none ran."""
     nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(c.get("execution_count") for c in code), \
+    failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    ran = code[:failed[0] + 1] if failed else code
+    assert ran and all(c.get("execution_count") for c in ran), \
         f"{py.with_suffix('.ipynb').name} must be committed executed (the tiny run's outputs: make notebooks)"
+    if failed:  # a run that stopped: the records must say so
+        import json
+
+        runs = json.loads((py.parent.parent / "reports" / "tiny" / "runs.json").read_text())
+        assert runs[py.stem]["status"] == "failed", f"{py.stem} shows an error but its tiny run is recorded as ok"
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
