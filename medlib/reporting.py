@@ -154,7 +154,7 @@ def figure_lint(fig: Any) -> dict[str, Any]:
         if not ax.get_visible():
             continue
         is_colorbar = hasattr(ax, "_colorbar") or ax.get_label() == "<colorbar>"
-        ticks = [t for t in (*ax.get_xticklabels(), *ax.get_yticklabels()) if t.get_visible() and t.get_text()]
+        ticks = [t for t in (*ax.get_xticklabels(), *ax.get_yticklabels()) if ax.axison and t.get_visible() and t.get_text()]
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts, *ticks]
         legend = ax.get_legend()
         if legend is not None:

@@ -343,7 +343,7 @@ optimism.round(3)
 
 # %% tags=["solution", "hide-cell"]
 # Choosing on test picks the setting with the best test mean, so the reported test AUROC can only go up
-# (optimism >= 0): it is selection bias, the defect B5 of study 1's code. With one setting (the
+# (optimism >= 0): it is selection bias, the defect of study 1's public code that selects heads on the test set. With one setting (the
 # `smoke` grid) there is nothing to choose and the optimism is 0; with more settings and noisier folds it
 # grows. Validation data are there so that the test set is scored once.
 prediction = "up or unchanged, never down: a maximum over settings is at least the chosen one"

@@ -870,6 +870,7 @@ def plot_ssl_curves(history: pd.DataFrame, title: str) -> Any:
         if ax is axes[0][-1]:
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
         ax.set_title(term.replace("_", " "))
+        ax.set_xlim(left=0)  # no negative step tick running into the y labels
         ax.set_xlabel("SSL step")
         ax.set_ylabel("loss" if ax is axes[0][0] else "")
     fig.suptitle(title)
@@ -884,8 +885,11 @@ def plot_knn_health(health: pd.DataFrame, title: str) -> Any:
 
     sources = [c for c in ("pixel_stats", "pixels", "random_init", "before", "after") if c in health]
     long = health.melt(id_vars=["task"], value_vars=sources, var_name="backbone", value_name="knn_auroc")
+    from ..reporting import model_colour
+
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    sns.barplot(data=long, x="task", y="knn_auroc", hue="backbone", ax=ax)
+    sns.barplot(data=long, x="task", y="knn_auroc", hue="backbone", ax=ax,
+                palette={s: model_colour(s) for s in sources})
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     ax.axhline(0.5, color="grey", lw=1, ls=":")
     ax.set_ylim(0.3, 1.0)
@@ -927,7 +931,9 @@ def plot_folds(results: pd.DataFrame, title: str, published: pd.DataFrame | None
     tasks = list(dict.fromkeys(chosen["task"]))
     role_order = [r for r in ROLES if r in set(chosen["role"])]
     roles = [arm_of[r] for r in role_order]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.4), squeeze=False, sharey=True)
+    from ..reporting import model_colour
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.6), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         g = chosen[chosen["task"] == task]
         sns.barplot(data=g, x="arm", y="test_auroc", order=roles, errorbar=None, alpha=0.35, ax=ax, color="C0")
@@ -938,13 +944,16 @@ def plot_folds(results: pd.DataFrame, title: str, published: pd.DataFrame | None
             xs = [i for i, r in enumerate(role_order) if r in pub.index and not np.isnan(pub.loc[r, "mean"])]
             if xs:
                 ax.errorbar([x + 0.3 for x in xs], [pub.loc[role_order[x], "mean"] for x in xs],
-                            yerr=[pub.loc[role_order[x], "std"] for x in xs], fmt="D", color="black", ms=4, capsize=2,
+                            yerr=[pub.loc[role_order[x], "std"] for x in xs], fmt="D", color=model_colour("published"),
+                            ms=4, capsize=2,
                             label="published (the paper's arm)" if ax is axes[0][0] else None)
         ax.axhline(0.5, color="grey", lw=1, ls=":")
         ax.set_title(CV_TASKS[task].published if task in CV_TASKS else task)
         ax.set_xlabel("")
         ax.set_ylabel("test AUROC per fold" if ax is axes[0][0] else "")
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", rotation=35)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     if published is not None:
         axes[0][0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=9, frameon=False)
     axes[0][-1].legend(title="fold", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0),
