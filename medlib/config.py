@@ -473,7 +473,8 @@ def repo_root() -> Path:
 
 
 def display_path(path: str | Path) -> str:
-    """A path as a table or message shows it: repository-relative, ``<cache>/...`` inside the cache, else as is.
+    """A path as a table shows it: ``<site-packages>/...`` for installed packages, ``<cache>/...`` inside the cache,
+    repository-relative, else as is.
 
     Tables then stay the same from one machine, checkout or cache location to another.
     """
@@ -482,7 +483,10 @@ def display_path(path: str | Path) -> str:
         resolved = Path(path).resolve()
     except (OSError, RuntimeError, TypeError):
         return text
-    for root, shown in ((cache_dir(), "<cache>"), (repo_root(), "")):
+    import sysconfig
+
+    for root, shown in ((sysconfig.get_paths()["purelib"], "<site-packages>"), (cache_dir(), "<cache>"),
+                        (repo_root(), "")):
         try:
             rel = resolved.relative_to(Path(root).resolve())
         except ValueError:

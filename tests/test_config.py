@@ -108,3 +108,12 @@ def test_patch14_profiles_draw_phantoms_at_a_multiple_of_the_patch():
         p = get_profile(name)
         if "patch14" in p.backbone.arch:
             assert p.data.phantom_size % 14 == 0, (name, p.data.phantom_size)
+
+
+def test_display_path_hides_where_packages_are_installed():
+    import sysconfig
+
+    from medlib.config import display_path
+
+    inside = f"{sysconfig.get_paths()['purelib']}/somepkg/weights.pth"
+    assert display_path(inside) == "<site-packages>/somepkg/weights.pth"

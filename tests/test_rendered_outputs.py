@@ -20,10 +20,11 @@ NOISE = {
     "progress bar": site.PROGRESS,
     "warning": re.compile(r"\b\w*Warning: |warnings\.warn"),
     "path echo": re.compile(r"PosixPath\(|WindowsPath\("),
-    "absolute path": re.compile(r"(?<![\w.])/(work|home|root|tmp|Users)/|\.venv\b|site-packages/\w+/\w+\.py"),
+    "absolute path": re.compile(r"(?<![\w.])/(work|home|root|tmp|Users)/|\.venv/|site-packages/\w+/\w+\.py"),
     "unrounded float": site.LONG_FLOAT,
     "seed number": re.compile(r"\bseed 00\d\b", re.I),
-    "development word": re.compile(r"\b(session|issues?)\b", re.I),
+    # the project's history: "session 9", "this session", "the issue" (a course's sessions are teaching, not history)
+    "development word": re.compile(r"\b(session \d+|(this|last|next|previous|a later) session|issues?)\b", re.I),
     "defect code": re.compile(r"\bB[1-7]\b"),
 }
 
