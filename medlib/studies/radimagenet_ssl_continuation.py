@@ -951,9 +951,7 @@ def plot_folds(results: pd.DataFrame, title: str, published: pd.DataFrame | None
         ax.set_title(CV_TASKS[task].published if task in CV_TASKS else task)
         ax.set_xlabel("")
         ax.set_ylabel("test AUROC per fold" if ax is axes[0][0] else "")
-        ax.tick_params(axis="x", rotation=35)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
+        ax.tick_params(axis="x", rotation=90)  # long arm names: vertical labels never run into each other
     if published is not None:
         axes[0][0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=9, frameon=False)
     axes[0][-1].legend(title="fold", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0),
