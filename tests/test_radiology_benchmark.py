@@ -361,8 +361,11 @@ def test_segmentation_few_shot_table_and_its_summary(seg_run):
     n_train = len(seg_sets["chest_xray"]["train"])
     assert set(long["n"]) == {1, 4, "all"} and long.groupby(["model", "n"]).size().eq(2).all()
     assert long.loc[long["n"] == "all", "n_images"].eq(n_train).all() and (long["lr"] == 0.1).all()
-    epochs = long.groupby("n")["epochs"].first()  # equal optimiser steps: 1 epoch of 2 batches = 2 epochs of 1
-    assert epochs["all"] == SEG_PROFILE.eval.seg_epochs and epochs[1] == epochs[4] == int(np.ceil(n_train / 8))
+    epochs = long.groupby("n")["epochs"].first()  # equal optimiser steps across n, the linear head's budget at "all"
+    full = bm.head_epochs(SEG_PROFILE, "linear", n_train, SEG_PROFILE.eval.seg_epochs)
+    steps = full * int(np.ceil(n_train / SEG_PROFILE.eval.seg_batch_size))
+    assert full >= SEG_PROFILE.eval.seg_epochs and steps >= SEG_PROFILE.eval.seg_head_min_steps
+    assert epochs["all"] == full and epochs[1] == epochs[4] == steps  # n = 1 or 4: one batch per epoch
     summary = bm.summarize_repeats(long, ["dataset", "backbone", "model"], "mean_dj")
     assert len(summary) == 2 * 3 and summary["repeats"].eq(2).all()
     fig = bm.plot_seg_few_shot(summary, "seg test")
