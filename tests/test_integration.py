@@ -19,7 +19,7 @@ def _reproduce(folder: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, MEDLIB_REPORTS=str(folder / "reports"), MEDLIB_FIGURES=str(folder / "figures"),
                MEDLIB_CACHE=str(folder / "cache"))
     proc = subprocess.run(["make", "reproduce", "PROFILE=smoke", *extra], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=2400)  # two cores shared with the gpu-switches test: minutes, not seconds
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

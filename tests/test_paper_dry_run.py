@@ -254,7 +254,7 @@ def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
                                                                         "MEDLIB_OVERRIDES", "MEDLIB_PROFILE")}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "medlib.reproduce", "--profile", "paper", "--data", str(data_file),
-                           "--force"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                           "--force"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     print(f"paper dry run: {wall:.1f} s")
