@@ -54,7 +54,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..cache import array_fingerprint, artifact_dir, file_hash, load_npy, save_json, save_npy, stable_hash
+from ..cache import (CorruptCacheError, array_fingerprint, artifact_dir, discard_entry, file_hash, load_npy, save_json,
+                     save_npy, stable_hash, verify_file)
 from ..config import Profile, cache_dir, display_path, get_profile, override, seeded_torch_rng
 from ..data import phantoms
 from ..data.imageset import ImageSet
@@ -673,8 +674,14 @@ def run_fold(backbone: Backbone, ds: ImageSet, fold: Fold, setting: Setting, pro
     size = p.backbone.image_size
     folder = fold_cache_dir(backbone, ds, fold, setting, p)
     if cache and (folder / "result.json").exists():
-        record = json.loads((folder / "result.json").read_text())
-        return {**record, "cached": True}
+        try:  # the predictions must be whole: an entry damaged or cut short by a kill is run again
+            for name in ("test_probs.npy", "test_indices.npy"):
+                verify_file(folder / name)
+            record = json.loads((folder / "result.json").read_text())
+            return {**record, "cached": True}
+        except CorruptCacheError as err:
+            discard_entry(folder, err)
+            folder = fold_cache_dir(backbone, ds, fold, setting, p)
     train_idx = fold.train
     if len(train_idx) % cfg.batch_size == 1 and len(train_idx) > 1:
         train_idx = train_idx[:-1]  # a last batch of one image cannot train BatchNorm (CNNs): leave that image out
