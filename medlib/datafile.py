@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import os
 import shlex
 import tomllib
@@ -194,24 +193,15 @@ def validate(profile: Any, notebooks: Iterable[str] | None = None, settings: Run
 
 
 def provenance_fields(profile_name: str | None = None) -> dict[str, Any]:
-    """What provenance records add about the data file, the overrides and the sources in force ({} when none)."""
-    settings = active_settings()
-    if not settings.active and profile_name != "paper":
+    """The data sources (and, in ``paper``, the phantom stand-ins) of a profile run with a data file, overrides or
+    in ``paper`` ({} otherwise); :func:`medlib.cache.settings_fields` records the data file and overrides."""
+    if not profile_name or (not active_settings().active and profile_name != "paper"):
         return {}
-    out: dict[str, Any] = {"overrides": {k: str(v) for k, v in settings.overrides.items()}}
-    if settings.data_file is not None:
-        out["data_file"] = str(settings.data_file)
-        try:
-            out["data_file_sha256"] = hashlib.sha256(settings.data_file.read_bytes()).hexdigest()
-        except OSError:
-            out["data_file_sha256"] = None
-    if profile_name:
-        from .config import get_profile
+    from .config import get_profile
 
-        p = get_profile(profile_name)
-        out["data_sources"] = dict(p.data.sources)
-        out["phantom_stand_ins"] = phantom_stand_ins(p) if p.name == "paper" else []
-    return out
+    p = get_profile(profile_name)
+    return {"data_sources": dict(p.data.sources),
+            "phantom_stand_ins": phantom_stand_ins(p) if p.name == "paper" else []}
 
 
 def sources_markdown(profile: Any) -> list[str]:

@@ -105,10 +105,14 @@ def pixel_statistics_features(images: np.ndarray, bins: int = 16, grid: int = 4)
     x = x.astype(np.float32) / 255.0
     hist = np.stack([np.histogram(img, bins=bins, range=(0.0, 1.0))[0] for img in x]).astype(np.float32)
     hist /= x.shape[1] * x.shape[2]
-    rows = np.array_split(np.arange(x.shape[1]), grid)
-    cols = np.array_split(np.arange(x.shape[2]), grid)
-    cells = [x[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols]
-    return np.concatenate([hist, np.stack(cells, axis=1)], axis=1)
+    return np.concatenate([hist, _block_means(x, grid)], axis=1)
+
+
+def _block_means(x: np.ndarray, side: int) -> np.ndarray:
+    """(N, side**2) means of ``side`` x ``side`` near-equal blocks of (N, H, W) images, row by row."""
+    rows = np.array_split(np.arange(x.shape[1]), side)
+    cols = np.array_split(np.arange(x.shape[2]), side)
+    return np.stack([x[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols], axis=1)
 
 
 def raw_pixel_features(images: np.ndarray, side: int = 16) -> np.ndarray:
@@ -122,10 +126,7 @@ def raw_pixel_features(images: np.ndarray, side: int = 16) -> np.ndarray:
         raise ValueError(f"raw_pixel_features expects (N, H, W) or (N, H, W, 1|3) images, got {x.shape}.")
     if not 1 <= side <= min(x.shape[1:]):
         raise ValueError(f"need 1 <= side <= image side {min(x.shape[1:])}, got side={side}.")
-    x = x.astype(np.float32) / 255.0
-    rows = np.array_split(np.arange(x.shape[1]), side)
-    cols = np.array_split(np.arange(x.shape[2]), side)
-    return np.stack([x[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols], axis=1)
+    return _block_means(x.astype(np.float32) / 255.0, side)
 
 
 def acquisition_shift(images: np.ndarray, seed: int, gamma: tuple[float, float] = SHIFT_GAMMA,
