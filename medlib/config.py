@@ -107,6 +107,9 @@ class EvalConfig:
     # our assumption: a frozen linear head trains at least this many optimiser steps (epochs raised to reach it);
     # the paper's 10 epochs over thousands of 448 px images are thousands of steps, 15 epochs over 58 images are 120
     seg_head_min_steps: int = 0
+    # our assumption: every head trained on all images trains at least this many steps (CT slices, seven small
+    # structures, need several hundred; few-shot curves keep eval.seg_epochs' steps, see segmentation_few_shot_table)
+    seg_min_steps: int = 0
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
     # study 2 (Tayebi Arasteh et al. 2023): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values
     init_arms: tuple[str, ...] = ("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "sup-cxr-vit-tiny",
@@ -284,7 +287,7 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
                         probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
                         folds=5, bootstrap=1000, logreg_n_c=8, seg_images=80, seg_repeats=2, seg_lrs=(1e-1,),
-                        seg_head_min_steps=1000,
+                        seg_head_min_steps=1000, seg_min_steps=500,
                         init_images=(240, 480, 300, 360, 420), init_epochs=4, init_batch_size=32, init_lr=1e-4,
                         init_head_lr=1e-3, init_fractions=(0.1, 0.3, 1.0),
                         peft_train_images=160,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medlib.config import get_profile, override
+from medlib.data import phantoms
 from medlib.studies import radiology_benchmark as bm
 from medlib.eval.features import FeatureSet, extract_features
 from medlib.models.backbones import WeightsNotFoundError, create_backbone
@@ -350,8 +351,38 @@ def test_segmentation_table_trains_every_head_and_the_scratch_unet(seg_run):
 
 def test_unet_decoder_skips_a_backbone_with_fewer_than_five_blocks():
     shallow = create_backbone("random-vit-smoke")  # 2 blocks
-    jobs = bm._seg_jobs({"s": shallow}, ("linear", "unet"), scratch=True)
+    jobs = bm._seg_jobs({"s": shallow}, ("linear", "unet"), scratch=True, image_size=32)
     assert [(name, head) for name, head, _ in jobs] == [("s", "linear"), ("-", "scratch")]
+
+
+def test_a_linear_head_is_not_trained_on_a_grid_coarser_than_four_cells():
+    vit = create_backbone("random-vit-smoke")  # patch 8: 32 px -> a 4 x 4 grid, 24 px -> 3 x 3
+    assert bm.linear_head_out_of_scope({"v": vit}, 32) == {}
+    assert bm.linear_head_out_of_scope({"v": vit}, 24) == {"v": 3}
+    jobs = bm._seg_jobs({"v": vit}, ("linear",), scratch=True, image_size=24)
+    assert [(name, head) for name, head, _ in jobs] == [("-", "scratch")]
+
+
+def test_step_floors_of_the_segmentation_heads():
+    p = override(SEG_PROFILE, **{"eval.seg_head_min_steps": 100, "eval.seg_min_steps": 40, "eval.seg_batch_size": 8,
+                                 "eval.seg_epochs": 2})
+    assert bm.head_epochs(p, "linear", 16, 2) == 50  # 2 steps an epoch, 100 steps
+    assert bm.head_epochs(p, "unet", 16, 2) == 20  # the all-images floor, 40 steps
+    assert bm.head_epochs(p, "scratch", 16, 2, all_images=False) == 2  # few-shot curves keep their epochs
+    assert bm.head_epochs(p, "linear", 16, 2, all_images=False) == 50
+    off = override(p, **{"eval.seg_head_min_steps": 0, "eval.seg_min_steps": 0})
+    assert bm.head_epochs(off, "linear", 16, 2) == bm.head_epochs(off, "unet", 16, 2) == 2
+
+
+def test_ct_segmentation_reads_whole_slices_not_organ_crops():
+    p = override(SEG_PROFILE, **{"eval.seg_images": 12})
+    organ = phantoms.make_dataset("ct", n=12, size=64, seed=p.seed)
+    sets = bm.segmentation_sets({"ct_organs": organ}, override(p, **{"data.phantom_size": 64}))
+    whole = phantoms.make_dataset("ct", n=12, size=64, seed=p.seed, view="slice")
+    images = np.concatenate([np.asarray(sets["ct_organs"][k].images) for k in ("train", "val", "test")])
+    assert images.shape[0] == 12
+    assert sorted(map(bytes, images)) == sorted(map(bytes, np.asarray(whole.images)))
+    assert sorted(map(bytes, images)) != sorted(map(bytes, np.asarray(organ.images)))
 
 
 def test_segmentation_few_shot_table_and_its_summary(seg_run):

@@ -210,7 +210,7 @@ def test_head_epochs_raise_only_linear_heads_to_the_step_budget():
     from medlib.studies import radiology_benchmark as rb
 
     p = get_profile("tiny")
-    p = override(p, **{"eval.seg_head_min_steps": 200, "eval.seg_batch_size": 8})
+    p = override(p, **{"eval.seg_head_min_steps": 200, "eval.seg_min_steps": 0, "eval.seg_batch_size": 8})
     assert rb.head_epochs(p, "linear", 58, 15) == 25  # 8 steps per epoch -> ceil(200 / 8)
     assert rb.head_epochs(p, "linear", 800, 15) == 15  # already 1500 steps
     assert rb.head_epochs(p, "unet", 58, 15) == 15 and rb.head_epochs(p, "scratch", 58, 15) == 15

@@ -73,11 +73,14 @@ class BenchmarkDataset:
     params: Mapping[str, Any]  # make_dataset keyword arguments (site, target)
     source_key: str | None  # key of profile.data.sources that replaces the phantom (paper profile)
     stands_in_for: str  # the real benchmark(s) of the paper it mimics
+    seg_params: Mapping[str, Any] = field(default_factory=dict)  # generator parameters of its segmentation set
 
 
 STUDY1_DATASETS: Mapping[str, BenchmarkDataset] = {
     "chest_xray": BenchmarkDataset("cxr", {"site": 0}, "cxr_multilabel", "NIH ChestX-ray14 / CheXpert (multi-label)"),
-    "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)"),
+    # classification reads OrganAMNIST-like organ-centred crops; segmentation whole axial slices, as BTCV / AMOS
+    "ct_organs": BenchmarkDataset("ct", {}, "organ_ct", "abdominal CT organs (BTCV / AMOS, OrganAMNIST)",
+                                  seg_params={"view": "slice"}),
     "knee_acl": BenchmarkDataset("knee", {"target": "acl_tear"}, "knee_mri", "knee MRI ACL tear (MRNet-like)"),
     "breast_us": BenchmarkDataset("breast_us", {}, "breast_us", "breast ultrasound, benign vs malignant"),
 }
@@ -565,14 +568,19 @@ def segmentation_sets(datasets: Mapping[str, ImageSet], profile: Profile | str
                       ) -> dict[str, dict[str, ImageSet]]:
     """Train / val / test ImageSets (patient-grouped) of the first ``eval.seg_images`` images of each data set.
 
-    A data set named in :data:`SEG_SOURCE_KEYS` whose key the profile's sources name is replaced by that source.
+    A data set named in :data:`SEG_SOURCE_KEYS` whose key the profile's sources name is replaced by that source;
+    a phantom whose :class:`BenchmarkDataset` has ``seg_params`` is drawn again with them (CT: whole slices).
     """
     p = get_profile(profile)
     out = {}
     for name, ds in datasets.items():
-        key = SEG_SOURCE_KEYS.get(name)
+        key, spec = SEG_SOURCE_KEYS.get(name), STUDY1_DATASETS.get(name)
         if key and key in p.data.sources:
             ds = load_source(p.data.sources[key])
+        elif spec is not None and spec.seg_params and not (spec.source_key and spec.source_key in p.data.sources):
+            n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
+            ds = phantoms.make_dataset(spec.family, n=n, size=p.data.phantom_size, seed=p.seed,
+                                       **{**dict(spec.params), **dict(spec.seg_params)})
         if ds.masks is None or not ds.mask_names:
             raise ValueError(f"data set {name!r} ({ds.name}) has no masks; segmentation needs label maps")
         n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
@@ -593,22 +601,40 @@ def _seg_factory(head: str, backbone: Backbone | None, n_classes: int) -> Callab
     raise ValueError(f"segmentation head {head!r}; choose 'linear', 'unet' or 'scratch'")
 
 
-def _seg_jobs(backbones: Mapping[str, Backbone], heads: Sequence[str], scratch: bool
+#: A linear head labels its backbone's last grid cell by cell; below 4 x 4 cells (a stride-32 CNN stage at 64 px
+#: is 2 x 2) it cannot draw an organ at all, so it is not trained (our assumption; at 224 px and up every grid passes).
+LINEAR_HEAD_MIN_GRID = 4
+
+
+def linear_head_out_of_scope(backbones: Mapping[str, Backbone], image_size: int) -> dict[str, int]:
+    """Backbones whose last grid at ``image_size`` is coarser than :data:`LINEAR_HEAD_MIN_GRID`, with that grid."""
+    grids = {name: head_grid(bb, image_size) for name, bb in backbones.items()}
+    return {name: g for name, g in grids.items() if g < LINEAR_HEAD_MIN_GRID}
+
+
+def _seg_jobs(backbones: Mapping[str, Backbone], heads: Sequence[str], scratch: bool, image_size: int
               ) -> list[tuple[str, str, Backbone | None]]:
-    """(backbone label, head, backbone) of every model to train; heads needing 5 blocks skip shallower backbones."""
+    """(backbone label, head, backbone) of every model to train; heads needing 5 blocks skip shallower backbones,
+    linear heads skip grids coarser than :data:`LINEAR_HEAD_MIN_GRID`."""
+    coarse = linear_head_out_of_scope(backbones, image_size) if "linear" in heads else {}
     jobs = [(name, head, bb) for name, bb in backbones.items() for head in heads
-            if head != "unet" or bb.depth >= segmentation.UNetDecoder.n_grids]
+            if (head != "unet" or bb.depth >= segmentation.UNetDecoder.n_grids)
+            and (head != "linear" or name not in coarse)]
     return jobs + ([("-", "scratch", None)] if scratch else [])
 
 
-def head_epochs(profile: Profile | str, head: str, n_images: int, epochs: int) -> int:
-    """Epochs for ``head`` on ``n_images``: ``epochs``, raised for a frozen linear head to reach
-    ``eval.seg_head_min_steps`` optimiser steps (our assumption; cached token grids make them cheap)."""
+def head_epochs(profile: Profile | str, head: str, n_images: int, epochs: int, *, all_images: bool = True) -> int:
+    """Epochs for ``head`` on ``n_images``: ``epochs``, raised to reach a floor of optimiser steps (our assumption).
+
+    A frozen linear head trains at least ``eval.seg_head_min_steps`` steps (cached token grids make them
+    cheap); with ``all_images`` every head also trains at least ``eval.seg_min_steps`` steps.
+    """
     p = get_profile(profile)
-    if head != "linear" or p.eval.seg_head_min_steps <= 0:
+    floor = max(p.eval.seg_head_min_steps if head == "linear" else 0, p.eval.seg_min_steps if all_images else 0)
+    if floor <= 0:
         return int(epochs)
     steps_per_epoch = int(np.ceil(n_images / p.eval.seg_batch_size))
-    return max(int(epochs), int(np.ceil(p.eval.seg_head_min_steps / steps_per_epoch)))
+    return max(int(epochs), int(np.ceil(floor / steps_per_epoch)))
 
 
 def _train_kwargs(p: Profile, device: str) -> dict[str, Any]:
@@ -682,7 +708,7 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
         n_classes = len(parts["train"].mask_names) + 1
         prior_images = segmentation.evaluate_prior(parts["train"], parts["test"])
         jobs: list[tuple[str, str, Backbone | None]] = [("-", "prior", None),
-                                                        *_seg_jobs(backbones, heads, scratch)]
+                                                        *_seg_jobs(backbones, heads, scratch, kwargs["image_size"])]
         for name, head, backbone in jobs:
             start = time.perf_counter()
             epochs = np.nan
@@ -734,7 +760,10 @@ def linear_head_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[st
     for dataset, parts in seg_sets.items():
         prior = segmentation.evaluate_prior(parts["train"], parts["test"])
         oracles: dict[int, pd.DataFrame] = {}
+        coarse = linear_head_out_of_scope(backbones, p.backbone.image_size)
         for name, backbone in backbones.items():
+            if name in coarse:
+                continue
             grid = head_grid(backbone, p.backbone.image_size)
             if grid not in oracles:
                 oracles[grid] = segmentation.evaluate_grid_oracle(parts["test"], grid)
@@ -781,6 +810,8 @@ def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Map
     ``equal_steps`` (our assumption) every n trains for as many optimiser steps as
     ``eval.seg_epochs`` epochs over the whole train split (:func:`equal_step_epochs`), so small
     n are not also starved of updates; otherwise every n trains ``eval.seg_epochs`` epochs.
+    The all-images floor ``eval.seg_min_steps`` does not apply here (its cost times sizes x repeats),
+    so the curve's "all" point may train fewer steps than :func:`segmentation_table`'s row.
     Long table: dataset, backbone, head, model, n, n_images, repeat, epochs, dice, jaccard,
     mean_dj, val_dice, best_epoch, lr.
     """
@@ -790,14 +821,14 @@ def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Map
     for dataset, parts in seg_sets.items():
         n_train, n_classes = len(parts["train"]), len(parts["train"].mask_names) + 1
         ns = [n for n in few_shot_sizes(p) if n == "all" or n <= n_train]
-        for name, head, backbone in _seg_jobs(backbones, heads, scratch):
+        for name, head, backbone in _seg_jobs(backbones, heads, scratch, kwargs["image_size"]):
             label = seg_model_label(name, head)
             lr = _chosen_lr(lrs, dataset, label, p.eval.seg_lrs[0])
             for n in ns:
                 size = n_train if n == "all" else int(n)
-                full = head_epochs(p, head, n_train, kwargs["epochs"])
+                full = head_epochs(p, head, n_train, kwargs["epochs"], all_images=False)
                 epochs = (equal_step_epochs(size, n_train, kwargs["batch_size"], full) if equal_steps
-                          else head_epochs(p, head, size, kwargs["epochs"]))
+                          else head_epochs(p, head, size, kwargs["epochs"], all_images=False))
                 long = segmentation.segmentation_few_shot(
                     _seg_factory(head, backbone, n_classes), parts["train"], parts["val"], parts["test"], ns=[n],
                     repeats=p.eval.seg_repeats, seed=p.seed, model_name=label, lr=lr, **{**kwargs, "epochs": epochs})
@@ -1346,7 +1377,8 @@ __all__ = [
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
     "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
     "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "no_network_features", "no_network_probes",
-    "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "linear_head_ceilings",
+    "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "linear_head_ceilings", "LINEAR_HEAD_MIN_GRID",
+    "linear_head_out_of_scope",
     "resolution_explanations",
     "sanity_results", "study1_claims", "study1_flags",
 ]
