@@ -336,14 +336,15 @@ print(f"{len(below_prior)} (model, class) pairs at or below the image-blind prio
 below_prior.round(3)
 
 # %% [markdown]
-# A linear head labels the backbone's last grid, then upsamples. The best it could do is bounded by
-# the best labelling of that grid: each cell gets the majority class of the true mask. Where that
-# ceiling is itself below the full-resolution prior, the head loses to the prior by resolution, not
-# by what its features know.
+# Every model labels a grid, then upsamples to the masks' own resolution: a linear head the
+# backbone's last grid, a U-Net the `profile.backbone.image_size` grid it sees (the phantoms are
+# drawn at `profile.data.phantom_size`). The best it could do is bounded by the best labelling of
+# that grid: each cell gets the majority class of the true mask. Where that ceiling is itself below
+# the full-resolution prior, the model loses to the prior by resolution, not by what it learnt.
 
 # %%
-ceilings = study.linear_head_ceilings(backbones, seg_sets, p)
-save_table(ceilings, "01_linear_head_ceilings", p)
+ceilings = study.resolution_ceilings(backbones, seg_sets, p)
+save_table(ceilings, "01_resolution_ceilings", p)
 ceilings.pivot_table(index=["dataset", "class"], columns="grid", values="dice", sort=False).round(3)
 
 # %% [markdown]

@@ -244,7 +244,7 @@ def test_resolution_explanations_only_where_the_grid_ceiling_is_below_the_prior(
     assert "2 x 2 grid" in out[("cnn + linear head", "chest heart")] and "0.800" in out[("cnn + linear head", "chest heart")]
 
 
-def test_linear_head_ceilings_read_each_backbones_grid():
+def test_resolution_ceilings_read_each_models_grid():
     import numpy as np
 
     from medlib.data.imageset import ImageSet
@@ -259,6 +259,14 @@ def test_linear_head_ceilings_read_each_backbones_grid():
                   patient_ids=np.arange(6).astype(str), name="toy", masks=masks, mask_names=["organ"])
     sets = {"toy": {"train": ds.subset(np.arange(3)), "val": ds.subset([3]), "test": ds.subset([4, 5])}}
     backbone = create_backbone("random-vit-smoke", image_size=32)
-    table = rb.linear_head_ceilings({"random-vit-smoke": backbone}, sets, "smoke")
-    assert set(table["class"]) == {"organ", "mean"} and (table["grid"] == rb.head_grid(backbone, 32)).all()
+    from medlib.config import get_profile
+
+    size = get_profile("smoke").backbone.image_size
+    table = rb.resolution_ceilings({"random-vit-smoke": backbone}, sets, "smoke")  # 2 blocks: no U-Net decoder
+    grids = table.groupby("model")["grid"].unique().map(list).to_dict()
+    assert grids == {"random-vit-smoke + linear head": [rb.head_grid(backbone, size)], rb.SCRATCH: [size]}
+    assert set(table["class"]) == {"organ", "mean"}
     assert ((table["dice"] >= 0) & (table["dice"] <= 1)).all() and (table["prior_dice"] == 1.0).all()
+    # the finer grid can only label the organ at least as well
+    fine = table[(table["model"] == rb.SCRATCH) & (table["class"] == "organ")]["dice"].item()
+    assert fine >= table[(table["model"] != rb.SCRATCH) & (table["class"] == "organ")]["dice"].item()

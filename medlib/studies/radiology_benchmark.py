@@ -748,26 +748,28 @@ def head_grid(backbone: Backbone, image_size: int) -> int:
     return int(grid.shape[-1])
 
 
-def linear_head_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
-                         profile: Profile | str) -> pd.DataFrame:
-    """Per class, the Dice of the best labelling of each linear head's grid (:func:`medlib.eval.segmentation.
-    evaluate_grid_oracle`: each cell's majority class of the true test mask) beside the image-blind prior.
+def resolution_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
+                        profile: Profile | str, *, heads: Sequence[str] = ("linear", "unet"), scratch: bool = True
+                        ) -> pd.DataFrame:
+    """Per class, the Dice of the best labelling of the grid each segmentation model predicts on, beside the prior.
 
+    A linear head labels its backbone's last grid (:func:`head_grid`); a U-Net (decoder or from
+    scratch) labels the ``backbone.image_size`` grid it sees, while the masks and the image-blind
+    prior keep the data's own resolution. The best labelling of a grid gives each cell the majority
+    class of the true test mask (:func:`medlib.eval.segmentation.evaluate_grid_oracle`).
     Columns: dataset, model, grid, class (and "mean"), dice, ci_low, ci_high, prior_dice, images, interval.
     """
     p = get_profile(profile)
+    size = p.backbone.image_size
     rows = []
     for dataset, parts in seg_sets.items():
         prior = segmentation.evaluate_prior(parts["train"], parts["test"])
         oracles: dict[int, pd.DataFrame] = {}
-        coarse = linear_head_out_of_scope(backbones, p.backbone.image_size)
-        for name, backbone in backbones.items():
-            if name in coarse:
-                continue
-            grid = head_grid(backbone, p.backbone.image_size)
+        for name, head, backbone in _seg_jobs(backbones, heads, scratch, size):
+            grid = head_grid(backbone, size) if head == "linear" else size
             if grid not in oracles:
                 oracles[grid] = segmentation.evaluate_grid_oracle(parts["test"], grid)
-            for r in _per_class_rows(oracles[grid], prior, dataset, seg_model_label(name, "linear"), p.eval.bootstrap,
+            for r in _per_class_rows(oracles[grid], prior, dataset, seg_model_label(name, head), p.eval.bootstrap,
                                      p.seed):
                 rows.append({**r, "grid": grid})
     front = ["dataset", "model", "grid", "class"]
@@ -776,17 +778,17 @@ def linear_head_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[st
 
 
 def resolution_explanations(ceilings: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """Explanations of "linear head below the image-blind prior" that the grid's own ceiling supports.
+    """Explanations of "model below the image-blind prior" that the model's own grid ceiling supports.
 
-    Where even the best labelling of the head's grid (:func:`linear_head_ceilings`) stays below the
-    prior (its interval's upper end below the prior's Dice), a full-resolution prior beats any head
-    that labels that grid, up to the smoothing of bilinear upsampling: resolution, not training.
+    Where even the best labelling of the grid a model predicts on (:func:`resolution_ceilings`) stays
+    below the prior (its interval's upper end below the prior's Dice), a full-resolution prior beats
+    any model that labels that grid, up to the smoothing of bilinear upsampling: resolution, not training.
     """
     out: dict[tuple[str, str], str] = {}
     for r in ceilings.to_dict("records"):
         if np.isfinite(r["ci_high"]) and r["ci_high"] < r["prior_dice"]:
             out[(r["model"], f"{r['dataset']} {r['class']}")] = (
-                f"resolution: the head labels a {r['grid']} x {r['grid']} grid, and the best labelling of that grid "
+                f"resolution: the model labels a {r['grid']} x {r['grid']} grid, and the best labelling of that grid "
                 f"(each cell's majority class of the true mask) scores Dice {r['dice']:.3f} [{r['ci_low']:.3f}, "
                 f"{r['ci_high']:.3f}] against the full-resolution prior's {r['prior_dice']:.3f}")
     return out
@@ -1377,7 +1379,7 @@ __all__ = [
     "segmentation_few_shot_table", "segmentation_sets", "segmentation_table", "segmentation_vs_paper",
     "summarize_repeats", "AUROC_MARGIN", "DICE_MARGIN", "PRIOR", "SANITY_EXPLANATIONS", "auroc_interval",
     "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "no_network_features", "no_network_probes",
-    "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "linear_head_ceilings", "LINEAR_HEAD_MIN_GRID",
+    "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "resolution_ceilings", "LINEAR_HEAD_MIN_GRID",
     "linear_head_out_of_scope",
     "resolution_explanations",
     "sanity_results", "study1_claims", "study1_flags",
