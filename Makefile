@@ -8,12 +8,13 @@ KERNEL := medlib
 NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 #  site: the companion site (reports/<profile>/site) from the executed notebooks, offline
-.PHONY: lock setup browser reproduce site test test-fast bench lab sync notebooks student backbones ldm clean help
+.PHONY: lock setup browser reproduce site test test-long test-fast bench lab sync notebooks student backbones ldm clean help
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
 	@echo "    [DATA=my_data.toml] [OVERRIDES=\"eval.finetune_epochs=1 ...\"] [ONLY=\"01 03\"] [KEEP_GOING=1]"
-	@echo "make test                                      unit + integration + nbval tests"
+	@echo "make test                                      unit + integration + nbval tests (~10 min)"
+	@echo "make test-long                                 the end-to-end runs (gpu switches, paper dry run, cards)"
 	@echo "make student                                   the notebooks without solutions -> build/student/"
 	@echo "make site [PROFILE=tiny]                       the companion site -> reports/<profile>/site/index.html"
 	@echo "make setup | lock | bench | lab | sync | backbones | ldm | clean"
@@ -46,8 +47,11 @@ reproduce: setup
 site: setup
 	$(PY) -m medlib.site build --profile $(PROFILE)
 
-# nbval runs the committed notebooks on the smoke profile, writing into a scratch folder.
-NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports
+# nbval runs the committed notebooks on the smoke profile, writing into a scratch folder; it reuses the cache of
+# the integration tests' smoke run (phantoms, features, the smoke LDM), which starts from an empty one.
+SMOKE_RUN := $(CURDIR)/.cache/test-smoke-run
+NBVAL_ENV := MEDLIB_PROFILE=smoke MEDLIB_FIGURES=$(CURDIR)/.cache/nbval/figures MEDLIB_REPORTS=$(CURDIR)/.cache/nbval/reports \
+	MEDLIB_CACHE=$(SMOKE_RUN)/cache
 
 # the site's browser check needs headless Chromium and its driver: Debian packages, installed when missing
 browser:
@@ -56,9 +60,15 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || \
 	  echo "headless Chromium is not installed (needs root and apt-get): the browser check is skipped outside CI"
 
+# test: everything but the end-to-end runs marked `long` (about 10 minutes on two cores); test-long: those
+# (every notebook under the gpu switches, the paper dry run, the backbone cards' health, benchmarks). CI runs both.
 test: setup browser
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	rm -rf $(SMOKE_RUN)
+	MEDLIB_TEST_SMOKE_RUN=$(SMOKE_RUN) $(PY) -m pytest -n 2 --dist loadgroup -m "not long" tests
 	$(NBVAL_ENV) $(PY) -m pytest --nbval-lax -p no:xdist --nbval-kernel-name $(KERNEL) notebooks
+
+test-long: setup
+	$(PY) -m pytest -n 2 --dist loadgroup -m long tests
 
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow" tests

@@ -40,6 +40,7 @@ def test_bench_phantoms_rates_every_family_and_restores_threads():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_ssl_end_to_end_is_a_fraction_of_its_ceiling():
     from benchmarks import bench_ssl
 
@@ -66,6 +67,7 @@ def test_bench_features_compares_end_to_end_ceiling_and_naive():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_diffusion_reports_training_and_sampling_speedups():
     from benchmarks import bench_diffusion
 

@@ -84,6 +84,7 @@ def test_loads_through_the_same_api_as_real_names(card_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.stem)
 def test_card_health_is_reproduced_from_the_weights(card_path: Path):
     """Recomputed now from the committed weights (draw 0 only, to keep the test short): the card's numbers hold."""
@@ -172,6 +173,7 @@ def test_recipe_hash_follows_only_the_settings_of_its_kind():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.xdist_group("build")
 def test_gpu_profile_build_path_runs_at_vit_s14_shapes_on_cpu(tmp_path, monkeypatch):
     """`make backbones PROFILE=gpu` at its real shapes (ViT-S/14 at 224 px, 2x224 + 8x98 crops, batch 2), cut to

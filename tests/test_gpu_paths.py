@@ -207,6 +207,7 @@ def test_fid_device_check_reaches_the_cuda_branch_decision():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.xdist_group("gpu-switches")  # its own group: runs beside the smoke reproduce tests
 def test_every_notebook_runs_under_the_gpu_switches(tmp_path):
     """One run of all notebooks on the gpu-switches profile (CPU): every GPU-side path, end to end.

@@ -26,8 +26,18 @@ def _reproduce(folder: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """One smoke reproduce from an empty cache, shared by the tests below."""
-    folder = tmp_path_factory.mktemp("smoke_run")
+    """One smoke reproduce from an empty cache, shared by the tests below.
+
+    ``MEDLIB_TEST_SMOKE_RUN`` names the folder (``make test`` passes one, then runs nbval on its warm cache);
+    it must not exist yet, so the run still starts from an empty cache.
+    """
+    named = os.environ.get("MEDLIB_TEST_SMOKE_RUN")
+    if named:
+        folder = Path(named)
+        assert not folder.exists(), f"MEDLIB_TEST_SMOKE_RUN={named} exists; the smoke run needs an empty folder"
+        folder.mkdir(parents=True)
+    else:
+        folder = tmp_path_factory.mktemp("smoke_run")
     _reproduce(folder)
     return folder
 

@@ -247,7 +247,8 @@ def dry_run_env(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("reproduce")
+@pytest.mark.long
+@pytest.mark.xdist_group("paper")
 def test_paper_dry_run_every_notebook_on_real_formats(tmp_path):
     data_file = build_download(tmp_path)
     env = {k: v for k, v in dry_run_env(tmp_path).items() if k not in ("MEDLIB_WEIGHTS_DIR", "MEDLIB_DATA_FILE",
