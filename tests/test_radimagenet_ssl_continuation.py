@@ -157,6 +157,34 @@ def test_run_fold_restores_best_epoch_caches_and_resumes(tmp_path, monkeypatch):
         cv.run_fold(bb, multi, fold, setting, p, device="cpu")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "plausible values", "killed before the predictions"])
+def test_run_fold_reruns_a_fold_whose_cached_predictions_are_damaged(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path))
+    from medlib.models.backbones import create_backbone
+
+    p = override(get_profile("smoke"), **{"eval.cv_epochs": 1})
+    ds = _blobs(40, 5, size=32)
+    fold = cv.make_folds(ds, 2, seed=0)[0]
+    bb = create_backbone("random-vit-smoke", image_size=32)
+    setting = cv.Setting(1e-3, 8)
+    first = cv.run_fold(bb, ds, fold, setting, p, device="cpu")
+    probs_file = cv.fold_cache_dir(bb, ds, fold, setting, p) / "test_probs.npy"
+    if damage == "truncated":
+        probs_file.write_bytes(probs_file.read_bytes()[:-7])
+    elif damage == "plausible values":  # same size and header, other numbers: only the checksum sees it
+        raw = bytearray(probs_file.read_bytes())
+        raw[-4:] = np.float32(0.5).tobytes()
+        probs_file.write_bytes(bytes(raw))
+    else:
+        probs_file.unlink()
+    with pytest.warns(UserWarning):
+        again = cv.run_fold(bb, ds, fold, setting, p, device="cpu")
+    assert not again["cached"] and again["test_auroc"] == first["test_auroc"]  # run again, same seed, same result
+    idx, probs = cv.load_fold_predictions(bb, ds, fold, setting, p)
+    assert np.array_equal(idx, fold.test) and probs.shape == (len(fold.test),)
+    assert cv.run_fold(bb, ds, fold, setting, p, device="cpu")["cached"]
+
+
 # ----------------------------------------------------------------- tables
 
 
