@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Under `pytest -n N` each worker gets one core: the notebook kernels and builds the tests start inherit one
+# OpenMP thread too, since two processes spinning two threads each on two cores run many times slower.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
