@@ -474,7 +474,7 @@ claims
 # %%
 flags = study.study1_flags(knn, probes, peft.table, seg.per_class,
                            explanations={**study.intensity_explanations(knn, probes, pixel_knn, pixel_probes),
-                                         **study.resolution_explanations(ceilings)})
+                                         **study.resolution_explanations(ceilings, seg.per_class)})
 save_table(flags, "01_sanity_flags", p, allow_empty=True)
 flags
 

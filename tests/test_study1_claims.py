@@ -242,6 +242,10 @@ def test_resolution_explanations_only_where_the_grid_ceiling_is_below_the_prior(
     out = rb.resolution_explanations(ceilings)
     assert list(out) == [("cnn + linear head", "chest heart")]  # lung: the grid could reach the prior
     assert "2 x 2 grid" in out[("cnn + linear head", "chest heart")] and "0.800" in out[("cnn + linear head", "chest heart")]
+    # a model above its own "ceiling" shows the ceiling does not bind it (bilinear logits draw inside cells)
+    scores = pd.DataFrame({"dataset": "chest", "model": "cnn + linear head", "class": ["heart"], "dice": [0.3]})
+    assert rb.resolution_explanations(ceilings, scores) == {}
+    assert list(rb.resolution_explanations(ceilings, scores.assign(dice=0.0))) == [("cnn + linear head", "chest heart")]
 
 
 def test_resolution_ceilings_read_each_models_grid():
