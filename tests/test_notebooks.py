@@ -30,9 +30,16 @@ def test_one_parameters_cell_with_profile(py):
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_ipynb_holds_executed_outputs(py):
-    """Every code cell carries the tiny run's outputs; after a cell that failed (its error shown) none ran."""
+    """Every code cell the tiny run executed carries its outputs; after a cell that failed (its error shown) none
+    ran. A cell whose source changed since that run (not in the run's executed notebook) shows no output at all."""
     nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
+    report = py.parent.parent / "reports" / "tiny" / py.with_suffix(".ipynb").name
+    executed = {c.source.strip() for c in nbformat.read(report, as_version=4).cells if c.cell_type == "code"}
     code = [c for c in nb.cells if c.cell_type == "code"]
+    changed = [c for c in code if c.source.strip() not in executed]
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in changed), \
+        f"{py.stem}: a cell changed since the tiny run shows an output it never produced"
+    code = [c for c in code if c.source.strip() in executed]
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     ran = code[:failed[0] + 1] if failed else code
     assert ran and all(c.get("execution_count") for c in ran), \

@@ -348,3 +348,19 @@ def test_evaluate_prior_scores_the_prior_map():
         assert table.loc[row, "dice"] == pytest.approx(expected.macro_dice)
     # the chest prior knows where the lungs usually are, so it is far from zero, and it is not perfect
     assert 0.3 < table["dice"].mean() < 0.99
+
+
+def test_frozen_linear_head_is_dinov2s_bn_head_and_affine_at_inference():
+    from medlib.eval.segmentation import BNLinearSegHead
+
+    head = frozen_linear(create_backbone("random-vit-smoke"), 3).head
+    assert isinstance(head, BNLinearSegHead) and isinstance(head.norm, torch.nn.BatchNorm2d)
+    head.train()
+    head(torch.randn(4, head.conv.in_channels, 4, 4) * 5 + 3, out_size=8)  # running statistics move
+    head.eval()
+    a, b = torch.randn(2, head.conv.in_channels, 4, 4), torch.randn(2, head.conv.in_channels, 4, 4)
+    zero = head(torch.zeros_like(a), 8)
+    # affine in the tokens: f(a + b) - f(0) = (f(a) - f(0)) + (f(b) - f(0))
+    assert torch.allclose(head(a + b, 8) - zero, (head(a, 8) - zero) + (head(b, 8) - zero), atol=1e-4)
+    with pytest.raises(ValueError, match="grid 0 must be"):
+        head(torch.randn(4, 4, 4), 8)

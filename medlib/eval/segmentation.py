@@ -54,7 +54,7 @@ from ..data.transforms import SegmentationTransform
 from ..engine import derive_seed, progress
 from ..models.adapters import freeze
 from ..models.backbones import Backbone
-from ..models.heads import LinearSegHead, SegmentationModel, UNet, UNetDecoder
+from ..models.heads import LinearSegHead, SegmentationModel, UNet, UNetDecoder, _as_grid_list, _pair, _resize
 
 OPTIMIZERS = ("sgd", "adamw")
 #: Training losses (:func:`segmentation_loss`): "dice" (default) = soft Dice over all classes, background
@@ -208,11 +208,30 @@ def grid_channels(backbone: Backbone, n: int) -> list[int]:
     return [int(info["num_chs"]) for info in backbone.model.feature_info][-n:]
 
 
+class BNLinearSegHead(LinearSegHead):
+    """DINOv2's linear segmentation head (``BNHead``, Oquab et al. 2023): BatchNorm, then the 1x1 conv, upsampled.
+
+    The BatchNorm standardises each feature channel, which a frozen backbone's tokens need for SGD to
+    fit a linear map in a few thousand steps; at inference it is a fixed affine map, so the head stays
+    linear in the tokens. (It lives here, not in ``models/heads.py``, whose source is part of the
+    supervised backbones' recipe hash.)
+    """
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__(in_dim, n_classes)
+        self.norm = nn.BatchNorm2d(in_dim)
+
+    def forward(self, grids: torch.Tensor | Sequence[torch.Tensor], out_size: int | tuple[int, int]) -> torch.Tensor:
+        """Logits (B, n_classes, H, W) from a grid or a list of grids (the last one is used)."""
+        grid = _as_grid_list(grids)[-1]
+        return _resize(self.conv(self.norm(grid)), _pair(out_size))
+
+
 def frozen_linear(backbone: Backbone, n_classes: int) -> SegmentationModel:
     """The authors' linear head (1x1 conv on the last block's grid, bilinear upsampling) on a frozen backbone."""
     _check_n_classes(n_classes, True, "frozen_linear")
     freeze(backbone).eval()
-    return SegmentationModel(backbone, LinearSegHead(grid_channels(backbone, 1)[0], int(n_classes)))
+    return SegmentationModel(backbone, BNLinearSegHead(grid_channels(backbone, 1)[0], int(n_classes)))
 
 
 def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | None = None) -> SegmentationModel:
@@ -802,7 +821,7 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 
 
 __all__ = [
-    "DiceLoss", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
+    "BNLinearSegHead", "DiceLoss", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
     "segmentation_loss", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
     "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "lr_grid", "model_classes",
     "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",

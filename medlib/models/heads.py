@@ -74,24 +74,18 @@ class MLPHead(nn.Module):
 
 
 class LinearSegHead(nn.Module):
-    """BatchNorm then a 1x1 conv on the last block's patch grid (B, D, h, w), bilinear upsampling to the image size.
-
-    The BatchNorm is DINOv2's linear segmentation head (``BNHead``, Oquab et al. 2023): it standardises
-    each feature channel, which a frozen backbone's tokens need for SGD to fit a linear map in a few
-    thousand steps. At inference it is a fixed affine map, so the head stays linear in the tokens.
-    """
+    """1x1 conv on the last block's patch grid (B, D, h, w), then bilinear upsampling to the image size."""
 
     n_grids = 1
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_dim)
         self.conv = nn.Conv2d(in_dim, n_classes, kernel_size=1)
 
     def forward(self, grids: torch.Tensor | Sequence[torch.Tensor], out_size: Size) -> torch.Tensor:
         """Logits (B, n_classes, H, W) from a grid or a list of grids (the last one is used)."""
         grid = _as_grid_list(grids)[-1]
-        return _resize(self.conv(self.norm(grid)), _pair(out_size))
+        return _resize(self.conv(grid), _pair(out_size))
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
