@@ -131,15 +131,18 @@ def test_cv_datasets_are_binary_and_held_out_from_the_continuation():
 # ----------------------------------------------------------------- one fold, cached
 
 
-def test_run_fold_restores_best_epoch_caches_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path))
+def _fold_case(epochs: int):
+    """A smoke profile with ``epochs`` fine-tuning epochs, 40 blob images, their first fold, a ViT and a setting."""
     from medlib.models.backbones import create_backbone
 
-    p = override(get_profile("smoke"), **{"eval.cv_epochs": 2})
     ds = _blobs(40, 5, size=32)
-    fold = cv.make_folds(ds, 2, seed=0)[0]
-    bb = create_backbone("random-vit-smoke", image_size=32)
-    setting = cv.Setting(1e-3, 8)
+    return (override(get_profile("smoke"), **{"eval.cv_epochs": epochs}), ds, cv.make_folds(ds, 2, seed=0)[0],
+            create_backbone("random-vit-smoke", image_size=32), cv.Setting(1e-3, 8))
+
+
+def test_run_fold_restores_best_epoch_caches_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path))
+    p, ds, fold, bb, setting = _fold_case(epochs=2)
     first = cv.run_fold(bb, ds, fold, setting, p, device="cpu")
     assert not first["cached"]
     assert first["restored_val_loss"] == pytest.approx(first["best_val_loss"], rel=1e-3)
@@ -160,13 +163,7 @@ def test_run_fold_restores_best_epoch_caches_and_resumes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated", "plausible values", "killed before the predictions"])
 def test_run_fold_reruns_a_fold_whose_cached_predictions_are_damaged(tmp_path, monkeypatch, damage):
     monkeypatch.setenv("MEDLIB_CACHE", str(tmp_path))
-    from medlib.models.backbones import create_backbone
-
-    p = override(get_profile("smoke"), **{"eval.cv_epochs": 1})
-    ds = _blobs(40, 5, size=32)
-    fold = cv.make_folds(ds, 2, seed=0)[0]
-    bb = create_backbone("random-vit-smoke", image_size=32)
-    setting = cv.Setting(1e-3, 8)
+    p, ds, fold, bb, setting = _fold_case(epochs=1)
     first = cv.run_fold(bb, ds, fold, setting, p, device="cpu")
     probs_file = cv.fold_cache_dir(bb, ds, fold, setting, p) / "test_probs.npy"
     if damage == "truncated":

@@ -572,19 +572,22 @@ def segmentation_sets(datasets: Mapping[str, ImageSet], profile: Profile | str
     a phantom whose :class:`BenchmarkDataset` has ``seg_params`` is drawn again with them (CT: whole slices).
     """
     p = get_profile(profile)
+    cap = p.eval.seg_images
+
+    def count(available: int) -> int:
+        return available if cap <= 0 else min(cap, available)
+
     out = {}
     for name, ds in datasets.items():
         key, spec = SEG_SOURCE_KEYS.get(name), STUDY1_DATASETS.get(name)
         if key and key in p.data.sources:
             ds = load_source(p.data.sources[key])
         elif spec is not None and spec.seg_params and not (spec.source_key and spec.source_key in p.data.sources):
-            n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
-            ds = phantoms.make_dataset(spec.family, n=n, size=p.data.phantom_size, seed=p.seed,
+            ds = phantoms.make_dataset(spec.family, n=count(len(ds)), size=p.data.phantom_size, seed=p.seed,
                                        **{**dict(spec.params), **dict(spec.seg_params)})
         if ds.masks is None or not ds.mask_names:
             raise ValueError(f"data set {name!r} ({ds.name}) has no masks; segmentation needs label maps")
-        n = len(ds) if p.eval.seg_images <= 0 else min(p.eval.seg_images, len(ds))
-        small = ds.subset(np.arange(n))
+        small = ds.subset(np.arange(count(len(ds))))
         split = patient_split(small, SPLIT_FRACTIONS, seed=p.seed, stratify=False)
         out[name] = {part: small.subset(rows) for part, rows in split.items()}
     return out
@@ -704,11 +707,11 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
     p = get_profile(profile)
     kwargs = _train_kwargs(p, device)
     rows, models, lr_tables, per_class = [], {}, {}, []
+    jobs: list[tuple[str, str, Backbone | None]] = [("-", "prior", None),
+                                                    *_seg_jobs(backbones, heads, scratch, kwargs["image_size"])]
     for dataset, parts in seg_sets.items():
         n_classes = len(parts["train"].mask_names) + 1
         prior_images = segmentation.evaluate_prior(parts["train"], parts["test"])
-        jobs: list[tuple[str, str, Backbone | None]] = [("-", "prior", None),
-                                                        *_seg_jobs(backbones, heads, scratch, kwargs["image_size"])]
         for name, head, backbone in jobs:
             start = time.perf_counter()
             epochs = np.nan
@@ -761,12 +764,13 @@ def resolution_ceilings(backbones: Mapping[str, Backbone], seg_sets: Mapping[str
     """
     p = get_profile(profile)
     size = p.backbone.image_size
+    jobs = [(name, head, head_grid(backbone, size) if head == "linear" else size)
+            for name, head, backbone in _seg_jobs(backbones, heads, scratch, size)]
     rows = []
     for dataset, parts in seg_sets.items():
         prior = segmentation.evaluate_prior(parts["train"], parts["test"])
         oracles: dict[int, pd.DataFrame] = {}
-        for name, head, backbone in _seg_jobs(backbones, heads, scratch, size):
-            grid = head_grid(backbone, size) if head == "linear" else size
+        for name, head, grid in jobs:
             if grid not in oracles:
                 oracles[grid] = segmentation.evaluate_grid_oracle(parts["test"], grid)
             for r in _per_class_rows(oracles[grid], prior, dataset, seg_model_label(name, head), p.eval.bootstrap,
@@ -829,10 +833,11 @@ def segmentation_few_shot_table(backbones: Mapping[str, Backbone], seg_sets: Map
     p = get_profile(profile)
     kwargs = _train_kwargs(p, device)
     frames = []
+    jobs = _seg_jobs(backbones, heads, scratch, kwargs["image_size"])
     for dataset, parts in seg_sets.items():
         n_train, n_classes = len(parts["train"]), len(parts["train"].mask_names) + 1
         ns = [n for n in few_shot_sizes(p) if n == "all" or n <= n_train]
-        for name, head, backbone in _seg_jobs(backbones, heads, scratch, kwargs["image_size"]):
+        for name, head, backbone in jobs:
             label = seg_model_label(name, head)
             lr = _chosen_lr(lrs, dataset, label, p.eval.seg_lrs[0])
             for n in ns:
