@@ -110,6 +110,9 @@ class EvalConfig:
     # our assumption: every head trained on all images trains at least this many steps (CT slices, seven small
     # structures, need several hundred; few-shot curves keep eval.seg_epochs' steps, see segmentation_few_shot_table)
     seg_min_steps: int = 0
+    # seeded restarts of each all-images segmentation run, the best on validation Dice kept (our assumption; on CT
+    # slices about one U-Net-from-scratch run in three collapsed a class at lr 0.1, and validation Dice shows it)
+    seg_restarts: int = 1
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
     # study 2 (Tayebi Arasteh et al. 2023): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values
     init_arms: tuple[str, ...] = ("ssl-natural-vit-tiny", "sup-natural-vit-tiny", "sup-cxr-vit-tiny",
@@ -287,7 +290,7 @@ _PROFILES: dict[str, Profile] = {
         eval=EvalConfig(knn_ks=(10, 20, 100), few_shot_ns=(1, 2, 4, 8, 16), few_shot_repeats=5,
                         probe_epochs=30, finetune_epochs=8, finetune_batch_size=32, seg_epochs=15,
                         folds=5, bootstrap=1000, logreg_n_c=8, seg_images=80, seg_repeats=2, seg_lrs=(1e-1,),
-                        seg_head_min_steps=1000, seg_min_steps=500,
+                        seg_head_min_steps=1000, seg_min_steps=500, seg_restarts=2,
                         init_images=(240, 480, 300, 360, 420), init_epochs=4, init_batch_size=32, init_lr=1e-4,
                         init_head_lr=1e-3, init_fractions=(0.1, 0.3, 1.0),
                         peft_train_images=160,

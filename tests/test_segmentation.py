@@ -228,6 +228,19 @@ def test_lr_grid_picks_best_val_dice_and_computes_features_once(cxr, monkeypatch
     assert best.best_val_dice == table["best_val_dice"].max()
 
 
+def test_lr_grid_restarts_are_seeded_runs_selected_on_validation(small):
+    train, val = small
+    best, table = lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=2, epochs=1, batch_size=4, image_size=32,
+                          device="cpu", seed=3)
+    assert table["restart"].tolist() == [0, 1] and table["seed"].iloc[0] == 3 and table["seed"].iloc[1] != 3
+    assert table["selected"].sum() == 1 and best.best_val_dice == table["best_val_dice"].max()
+    again = lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=2, epochs=1, batch_size=4, image_size=32,
+                    device="cpu", seed=3)[1]
+    pd.testing.assert_frame_equal(table.drop(columns="seconds_per_epoch"), again.drop(columns="seconds_per_epoch"))
+    with pytest.raises(ValueError, match="restarts must be an int >= 1"):
+        lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=0, epochs=1, batch_size=4, image_size=32)
+
+
 def test_few_shot_draws_only_from_train(monkeypatch):
     ds = make_dataset("cxr", 40, size=64)
     parts = patient_split(ds, (0.6, 0.2, 0.2), seed=0)

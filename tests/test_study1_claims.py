@@ -274,3 +274,62 @@ def test_resolution_ceilings_read_each_models_grid():
     # the finer grid can only label the organ at least as well
     fine = table[(table["model"] == rb.SCRATCH) & (table["class"] == "organ")]["dice"].item()
     assert fine >= table[(table["model"] != rb.SCRATCH) & (table["class"] == "organ")]["dice"].item()
+
+
+def test_bilinear_oracle_draws_inside_a_cell_where_the_cell_majority_cannot():
+    import numpy as np
+
+    from medlib.eval.segmentation import bilinear_grid_oracle_masks, dice_jaccard, grid_oracle_masks
+
+    yy, xx = np.mgrid[:64, :64]
+    masks = ((yy - 20) ** 2 + (xx - 40) ** 2 <= 25).astype(np.uint8)[None]  # a disk of radius 5 inside one cell
+    cell = dice_jaccard(grid_oracle_masks(masks, 4, 2), masks, 2).dice[0]
+    drawn = bilinear_grid_oracle_masks(masks, 4, 2)
+    assert cell == 0.0 and dice_jaccard(drawn, masks, 2).dice[0] > 0.5
+    assert (bilinear_grid_oracle_masks(masks, 4, 2) == drawn).all()  # deterministic
+    halves = np.zeros((1, 16, 16), np.uint8)
+    halves[0, :, :8] = 1  # a grid-aligned boundary: drawn exactly
+    assert (bilinear_grid_oracle_masks(halves, 2, 2) == halves).all()
+    with pytest.raises(ValueError, match="grid must be"):
+        bilinear_grid_oracle_masks(halves, 0, 2)
+
+
+def test_capacity_explanations_need_a_linear_head_that_does_not_fit_its_training_images():
+    import pandas as pd
+
+    from medlib.studies import radiology_benchmark as rb
+
+    per_class = pd.DataFrame({
+        "dataset": "ct", "class": ["aorta", "liver", "aorta"],
+        "model": ["vit + linear head", "vit + linear head", "vit + U-Net decoder"],
+        "dice": [0.1, 0.4, 0.5], "prior_dice": [0.8, 0.5, 0.8],
+        "train_dice": [0.1, 0.7, 0.5], "prior_train_dice": [0.8, 0.5, 0.8]})
+    out = rb.capacity_explanations(per_class)
+    # liver fits its training images above the prior (so its test deficit is not capacity); U-Nets never qualify
+    assert list(out) == [("vit + linear head", "ct aorta")]
+    assert "0.100" in out[("vit + linear head", "ct aorta")] and "0.800" in out[("vit + linear head", "ct aorta")]
+    assert rb.capacity_explanations(per_class.drop(columns="train_dice")) == {}
+
+
+def test_decoder_doubles_only_up_to_the_input_size():
+    import torch
+
+    from medlib.eval import segmentation as seg
+    from medlib.models.backbones import create_backbone
+    from medlib.studies import radiology_benchmark as rb
+
+    assert seg.decoder_doublings(8, 64) == 3 and seg.decoder_doublings(16, 224) == 4
+    assert seg.decoder_doublings(2, 64) == 4 and seg.decoder_doublings(64, 64) == 0 and seg.decoder_doublings(8, None) == 4
+    with pytest.raises(ValueError, match="grid must be"):
+        seg.decoder_doublings(0, 64)
+    backbone = create_backbone("random-vit-tiny", image_size=64)
+    grid = rb.head_grid(backbone, 64)
+    model = seg.frozen_unet(backbone, 4, image_size=64)
+    assert model.head.doublings == 3 and grid * 2 ** 3 == 64
+    sizes = []
+    model.head.blocks[-1].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 4, 64, 64)
+    assert sizes == [(64, 64)]  # the last up-block works at the input size, not twice it
+    assert rb.output_grid("unet", backbone, 64) == 64 and rb.output_grid("linear", backbone, 64) == grid
+    assert rb.output_grid("scratch", None, 64) == 64

@@ -227,6 +227,34 @@ class BNLinearSegHead(LinearSegHead):
         return _resize(self.conv(self.norm(grid)), _pair(out_size))
 
 
+def decoder_doublings(grid: int, image_size: int | None, n_blocks: int = 4) -> int:
+    """Up-blocks of a U-Net decoder that double the resolution: until ``grid`` reaches ``image_size``, at most ``n_blocks``."""
+    if grid < 1:
+        raise ValueError(f"decoder_doublings: grid must be >= 1, got {grid}.")
+    if image_size is None:
+        return n_blocks
+    return max(0, min(n_blocks, math.ceil(math.log2(max(image_size / grid, 1.0)))))
+
+
+class InputSizeUNetDecoder(UNetDecoder):
+    """The U-Net decoder whose up-blocks stop doubling once they reach the input size (our assumption).
+
+    Baharoon et al. (2023) give four doubling up-blocks; with a patch-8 ViT at 64 px they would decode
+    the 8 x 8 grid to 128 px, twice the input, and most of the decoder's work would be spent there only
+    to be resized back. Here the first ``doublings`` blocks double (transposed conv, k2 s2) and the
+    others keep the resolution (a 1x1 conv in its place); skips, widths and the classifier are unchanged.
+    """
+
+    def __init__(self, in_channels: int | Sequence[int], n_classes: int, channels: Sequence[int] | None = None,
+                 doublings: int = 4) -> None:
+        super().__init__(in_channels, n_classes, channels=channels)
+        if not 0 <= doublings <= len(self.blocks):
+            raise ValueError(f"doublings must be 0..{len(self.blocks)}, got {doublings}.")
+        self.doublings = int(doublings)
+        for block in self.blocks[self.doublings:]:
+            block.up = nn.Conv2d(block.up.in_channels, block.up.out_channels, kernel_size=1)
+
+
 def frozen_linear(backbone: Backbone, n_classes: int) -> SegmentationModel:
     """The authors' linear head (1x1 conv on the last block's grid, bilinear upsampling) on a frozen backbone."""
     _check_n_classes(n_classes, True, "frozen_linear")
@@ -234,8 +262,9 @@ def frozen_linear(backbone: Backbone, n_classes: int) -> SegmentationModel:
     return SegmentationModel(backbone, BNLinearSegHead(grid_channels(backbone, 1)[0], int(n_classes)))
 
 
-def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | None = None) -> SegmentationModel:
-    """The authors' U-Net-style decoder on the last 5 blocks of a frozen backbone."""
+def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | None = None,
+                image_size: int | None = None) -> SegmentationModel:
+    """The authors' U-Net-style decoder on the last 5 blocks of a frozen backbone (doubling up to ``image_size``)."""
     _check_n_classes(n_classes, True, "frozen_unet")
     need = UNetDecoder.n_grids
     if backbone.depth < need:
@@ -245,7 +274,14 @@ def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | No
     chans = grid_channels(backbone, need)
     in_channels: int | list[int] = chans[0] if backbone.kind == "vit" else chans
     freeze(backbone).eval()
-    return SegmentationModel(backbone, UNetDecoder(in_channels, int(n_classes), channels=channels))
+    doublings = 4
+    if image_size is not None:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device)
+            bottleneck = backbone.features(probe, n_last=1)["grids"][-1]
+        doublings = decoder_doublings(int(bottleneck.shape[-1]), int(image_size))
+    return SegmentationModel(backbone, InputSizeUNetDecoder(in_channels, int(n_classes), channels=channels,
+                                                            doublings=doublings))
 
 
 def scratch_unet(n_classes: int, base: int = 16, depth: int = 4) -> UNet:
@@ -523,12 +559,54 @@ def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: in
     return up.argmax(dim=1).numpy().astype(np.uint8)
 
 
-def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True) -> pd.DataFrame:
-    """Per-image Dice / Jaccard of :func:`grid_oracle_masks` on ``test`` (same columns as :func:`evaluate_segmenter`)."""
+def bilinear_grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int, steps: int = 300,
+                               lr: float = 0.3, seed: int = 0) -> np.ndarray:
+    """The best labelling found that a ``grid`` x ``grid`` logit map can draw through bilinear upsampling, per image.
+
+    Every head here predicts logits on a grid and upsamples them bilinearly, which draws inside a cell,
+    so the cell-majority labelling (:func:`grid_oracle_masks`) is no bound. This fits a free logit map
+    to each true mask (Adam from the cells' log class shares; per-image soft Dice over the classes
+    present + 0.1 x cross-entropy) and returns its argmax at full size: an estimate of the ceiling from
+    below (a better optimiser may find more), deterministic for a given ``seed``.
+    """
+    masks = _label_array(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"bilinear_grid_oracle_masks: masks must be (N, H, W), got shape {masks.shape}.")
+    if not 1 <= int(grid) <= min(masks.shape[1:]):
+        raise ValueError(f"bilinear_grid_oracle_masks: grid must be 1..{min(masks.shape[1:])}, got {grid}.")
+    size = tuple(masks.shape[1:])
+    target = torch.as_tensor(masks, dtype=torch.long)
+    onehot = F.one_hot(target, int(n_classes)).permute(0, 3, 1, 2).float()
+    present = (onehot.sum((2, 3)) > 0).float()
+    torch.manual_seed(seed)
+    with torch.enable_grad():
+        logits = torch.log(F.adaptive_avg_pool2d(onehot, int(grid)) + 1e-3).requires_grad_(True)
+        optimizer = torch.optim.Adam([logits], lr=lr)
+        for _ in range(int(steps)):
+            up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            probs = up.softmax(dim=1)
+            dice = (2 * (probs * onehot).sum((2, 3)) + 1e-5) / (probs.sum((2, 3)) + onehot.sum((2, 3)) + 1e-5)
+            loss = (1 - (dice * present).sum(1) / present.sum(1)).mean() + 0.1 * F.cross_entropy(up, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    up = F.interpolate(logits.detach(), size=size, mode="bilinear", align_corners=False)
+    return up.argmax(dim=1).numpy().astype(np.uint8)
+
+
+def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True,
+                         method: str = "bilinear") -> pd.DataFrame:
+    """Per-image Dice / Jaccard of the best labelling of a grid on ``test`` (columns of :func:`evaluate_segmenter`).
+
+    ``method="bilinear"``: :func:`bilinear_grid_oracle_masks` (what an upsampling head can draw);
+    ``"cell"``: :func:`grid_oracle_masks` (one label per cell).
+    """
+    if method not in ("bilinear", "cell"):
+        raise ValueError(f"method must be 'bilinear' or 'cell', got {method!r}.")
     n_classes = len(test.mask_names) + 1
     _check_seg_set(test, n_classes, "evaluation")
     masks = np.asarray(test.masks)
-    best = grid_oracle_masks(masks, grid, n_classes)
+    best = (bilinear_grid_oracle_masks if method == "bilinear" else grid_oracle_masks)(masks, grid, n_classes)
     names = _class_names(test, n_classes)
     return pd.DataFrame.from_records([_score_record(best[row], masks[row], n_classes, exclude_background, names, row,
                                                     test.patient_ids[row]) for row in range(len(test))])
@@ -738,27 +816,35 @@ def _config(train_kwargs: dict[str, Any], **fixed: Any) -> SegTrainConfig:
 
 
 def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageSet,
-            lrs: Sequence[float] = LR_GRID, *, seed: int = 0, **train_kwargs: Any) -> tuple[SegResult, pd.DataFrame]:
-    """Train a fresh model per learning rate (same seed) and keep the one with the best validation Dice.
+            lrs: Sequence[float] = LR_GRID, *, seed: int = 0, restarts: int = 1,
+            **train_kwargs: Any) -> tuple[SegResult, pd.DataFrame]:
+    """Train a fresh model per learning rate (and per restart) and keep the one with the best validation Dice.
 
     ``train_kwargs`` are :func:`train_segmenter`'s (epochs, batch_size, image_size, optimizer, ...).
-    Frozen-backbone grids are computed once for the whole grid when the factory reuses one backbone.
-    Returns the best run and a table (lr, best_val_dice, best_epoch, seconds_per_epoch).
+    Restart 0 uses ``seed``, restart r > 0 ``derive_seed(seed, "restart", r)`` (initialisation and batch
+    order); a run whose training collapsed a class shows it in its validation Dice, and selection on
+    validation, never test, drops it. Frozen-backbone grids are computed once for the whole grid when
+    the factory reuses one backbone. Returns the best run and a table (lr, restart, seed,
+    best_val_dice, best_epoch, seconds_per_epoch, selected).
     """
     if len(lrs) == 0:
         raise ValueError("lr_grid needs at least one learning rate.")
-    store, best, best_lr, rows = None, None, None, []
+    if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}.")
+    store, best, best_run, rows = None, None, None, []
     for lr in lrs:
-        cfg = _config(train_kwargs, lr=float(lr), seed=seed)
-        seed_everything(seed)
-        result, store = _fit(model_factory(), train, np.arange(len(train)), val, cfg, store)
-        rows.append({"lr": float(lr), "best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
-                     "seconds_per_epoch": result.seconds_per_epoch})
-        score = result.best_val_dice if not math.isnan(result.best_val_dice) else -math.inf
-        if best is None or score > best[0]:
-            best, best_lr = (score, result), float(lr)
+        for restart in range(int(restarts)):
+            run_seed = seed if restart == 0 else derive_seed(seed, "restart", restart)
+            cfg = _config(train_kwargs, lr=float(lr), seed=run_seed)
+            seed_everything(run_seed)
+            result, store = _fit(model_factory(), train, np.arange(len(train)), val, cfg, store)
+            rows.append({"lr": float(lr), "restart": restart, "seed": run_seed, "best_val_dice": result.best_val_dice,
+                         "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch})
+            score = result.best_val_dice if not math.isnan(result.best_val_dice) else -math.inf
+            if best is None or score > best[0]:
+                best, best_run = (score, result), len(rows) - 1
     table = pd.DataFrame(rows)
-    table["selected"] = table["lr"] == best_lr
+    table["selected"] = np.arange(len(table)) == best_run
     return best[1], table
 
 
@@ -821,7 +907,7 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 
 
 __all__ = [
-    "BNLinearSegHead", "DiceLoss", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
+    "BNLinearSegHead", "DiceLoss", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
     "segmentation_loss", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
     "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "lr_grid", "model_classes",
     "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",
