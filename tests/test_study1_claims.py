@@ -333,3 +333,48 @@ def test_decoder_doubles_only_up_to_the_input_size():
     assert sizes == [(64, 64)]  # the last up-block works at the input size, not twice it
     assert rb.output_grid("unet", backbone, 64) == 64 and rb.output_grid("linear", backbone, 64) == grid
     assert rb.output_grid("scratch", None, 64) == 64
+
+
+def test_input_resolution_jobs_and_explanations_follow_the_sanity_rule():
+    import pandas as pd
+
+    from medlib.studies import radiology_benchmark as rb
+
+    per_class = pd.DataFrame({
+        "dataset": "ct", "class": ["aorta", "spine", "aorta", "aorta"],
+        "model": ["vit + U-Net decoder", "vit + U-Net decoder", "vit + linear head", rb.SCRATCH],
+        "dice": [0.70, 0.80, 0.1, 0.79], "ci_low": [0.68, 0.78, 0.05, 0.77], "ci_high": [0.72, 0.90, 0.15, 0.85],
+        "prior_dice": [0.81, 0.86, 0.81, 0.81]})
+    seg = rb.SegTables(table=pd.DataFrame(), per_class=per_class,
+                       models={("ct", "vit", "unet"): None, ("ct", "vit", "linear"): None, ("ct", "-", "scratch"): None})
+    jobs = rb.input_resolution_jobs(seg)
+    # spine's interval reaches the prior, the linear head is left to capacity, the scratch U-Net reaches the prior
+    assert jobs == [("ct", "vit", "unet", ["aorta"])]
+    assert rb.input_resolution_jobs(seg, {("vit + U-Net decoder", "ct aorta"): "known"}) == []
+    check = pd.DataFrame({"dataset": "ct", "model": "vit + U-Net decoder", "class": ["aorta"], "dice": [0.95],
+                          "ci_low": [0.93], "ci_high": [0.97], "prior_dice": [0.81], "image_size": [128]})
+    out = rb.input_resolution_explanations(check, jobs, 64)
+    assert list(out) == [("vit + U-Net decoder", "ct aorta")] and "64 px" in out[("vit + U-Net decoder", "ct aorta")]
+    assert rb.input_resolution_explanations(check.assign(ci_low=0.80), jobs, 64) == {}  # must clear the prior
+
+
+def test_input_resolution_check_trains_at_the_masks_resolution():
+    import numpy as np
+
+    from medlib.data.imageset import ImageSet
+    from medlib.studies import radiology_benchmark as rb
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 32, 32), np.uint8)
+    for i in range(8):
+        masks[i, 8 + i % 3:20 + i % 3, 6:16] = 1
+    images = (masks[..., None] * 150 + rng.integers(0, 40, (8, 32, 32, 1))).repeat(3, -1).astype(np.uint8)
+    ds = ImageSet(images=images, labels=np.zeros((8, 1), np.float32), label_names=["x"], task="binary",
+                  patient_ids=np.arange(8).astype(str), name="toy", masks=masks, mask_names=["organ"])
+    sets = {"toy": {"train": ds.subset(np.arange(5)), "val": ds.subset([5]), "test": ds.subset([6, 7])}}
+    seg = rb.SegTables(table=pd.DataFrame({"dataset": ["toy"], "model": [rb.SCRATCH], "lr": [0.1]}))
+    check = rb.input_resolution_check({}, sets, seg, "smoke", [("toy", "-", "scratch", ["organ"])], device="cpu")
+    assert set(check["class"]) == {"organ", "mean"} and (check["image_size"] == 32).all()  # the masks are 32 px
+    assert ((check["dice"] >= 0) & (check["dice"] <= 1)).all() and (check["prior_dice"] > 0).all()
+    empty = rb.input_resolution_check({}, sets, seg, "smoke", [], device="cpu")
+    assert empty.empty and "image_size" in empty.columns

@@ -545,8 +545,8 @@ def evaluate_prior(train: ImageSet, test: ImageSet, exclude_background: bool = T
 def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int) -> np.ndarray:
     """The best labelling of a ``grid`` x ``grid`` map: each cell's majority class of the true mask, at full size.
 
-    A head that predicts one label per cell of a coarse grid cannot do better per image (up to the
-    smoothing of bilinear upsampling); it bounds what a linear head on that grid can reach.
+    It bounds a head that predicts one label per cell (nearest upsampling); a head that upsamples its
+    logits bilinearly draws inside cells and can do better (see :func:`bilinear_grid_oracle_masks`).
     """
     masks = _label_array(masks, "masks")
     if masks.ndim != 3:

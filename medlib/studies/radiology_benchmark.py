@@ -865,6 +865,85 @@ def capacity_explanations(per_class: pd.DataFrame) -> dict[tuple[str, str], str]
     return out
 
 
+def input_resolution_jobs(seg: SegTables, explained: Mapping[tuple[str, str], str] | None = None
+                          ) -> list[tuple[str, str, str, list[str]]]:
+    """(data set, backbone, head, classes) of every U-Net (decoder or from scratch) below the prior with no explanation.
+
+    A class is below the prior when its interval's upper end is under the prior's Dice (the sanity
+    rule); ``explained`` maps (model, "<data set> <class>") to an explanation found elsewhere.
+    """
+    explained = dict(explained or {})
+    pc = seg.per_class
+    below = pc[(pc["model"] != PRIOR) & (pc["ci_high"] < pc["prior_dice"])]
+    jobs: dict[tuple[str, str, str], list[str]] = {}
+    for dataset, backbone, head in seg.models:
+        if head == "linear":
+            continue
+        label = seg_model_label(backbone, head)
+        rows = below[(below["dataset"] == dataset) & (below["model"] == label)]
+        classes = [c for c in rows["class"] if (label, f"{dataset} {c}") not in explained]
+        if classes:
+            jobs[(dataset, backbone, head)] = classes
+    return [(d, b, h, c) for (d, b, h), c in jobs.items()]
+
+
+def input_resolution_check(backbones: Mapping[str, Backbone], seg_sets: Mapping[str, Mapping[str, ImageSet]],
+                           seg: SegTables, profile: Profile | str, jobs: Sequence[tuple[str, str, str, list[str]]],
+                           device: str = "auto") -> pd.DataFrame:
+    """Each job's model trained once more, the same way, but on images at the masks' own resolution.
+
+    Models see ``profile.backbone.image_size`` px while the masks and the prior keep the data's own
+    size (here at most twice the model's input, as the paper segments at 448 px what it classifies at
+    224); a structure a few pixels wide (CT aorta) is then blurred in the input, though its position
+    is not. Same lr (the one chosen on validation), step budget and seed as in
+    :func:`segmentation_table`, one run (no restarts; our assumption, for its cost). Long table as
+    ``SegTables.per_class`` plus image_size; empty when there is no job.
+    """
+    p = get_profile(profile)
+    kwargs = _train_kwargs(p, device)
+    rows: list[dict[str, Any]] = []
+    for dataset, backbone_name, head, _classes in jobs:
+        parts = seg_sets[dataset]
+        size = min(int(parts["train"].images.shape[1]), 2 * int(kwargs["image_size"]))
+        backbone = backbones.get(backbone_name)
+        if backbone is not None and backbone.kind == "vit":
+            size -= size % backbone.patch_size
+        n_classes = len(parts["train"].mask_names) + 1
+        label = seg_model_label(backbone_name, head)
+        lr = _chosen_lr(seg.table, dataset, label, p.eval.seg_lrs[0])
+        epochs = head_epochs(p, head, len(parts["train"]), kwargs["epochs"])
+        best, _ = segmentation.lr_grid(_seg_factory(head, backbone, n_classes, size), parts["train"], parts["val"],
+                                       (lr,), seed=p.seed, **{**kwargs, "epochs": epochs, "image_size": size})
+        per_image = segmentation.evaluate_segmenter(best.model, parts["test"], size, device)
+        prior = segmentation.evaluate_prior(parts["train"], parts["test"])
+        rows += [{**r, "image_size": size}
+                 for r in _per_class_rows(per_image, prior, dataset, label, p.eval.bootstrap, p.seed)]
+    columns = ["dataset", "model", "class", "dice", "ci_low", "ci_high", "prior_dice", "images", "interval",
+               "train_dice", "prior_train_dice", "image_size"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def input_resolution_explanations(check: pd.DataFrame, jobs: Sequence[tuple[str, str, str, list[str]]],
+                                  image_size: int) -> dict[tuple[str, str], str]:
+    """Explanations of a U-Net below the prior that :func:`input_resolution_check` supports, class by class.
+
+    Where the same model, trained the same way on images at the masks' resolution, beats the prior
+    with an interval above it, the deficit came from the ``image_size``-px input, not from the method.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for dataset, backbone, head, classes in jobs:
+        label = seg_model_label(backbone, head)
+        for cls in classes:
+            row = check[(check["dataset"] == dataset) & (check["model"] == label) & (check["class"] == cls)]
+            if len(row) and row["ci_low"].item() > row["prior_dice"].item():
+                r = row.iloc[0]
+                out[(label, f"{dataset} {cls}")] = (
+                    f"input resolution: the model sees the image at {image_size} px; trained the same way at the "
+                    f"masks' {int(r['image_size'])} px it scores Dice {r['dice']:.3f} [{r['ci_low']:.3f}, "
+                    f"{r['ci_high']:.3f}], above the prior's {r['prior_dice']:.3f}")
+    return out
+
+
 def seg_model_label(backbone: str, head: str) -> str:
     """A short label for a segmentation model, e.g. ``"ssl-natural-vit-tiny + U-Net decoder"``."""
     if head == "scratch":
@@ -1454,7 +1533,8 @@ __all__ = [
     "backbone_arm", "headline_findings", "intensity_explanations", "mean_interval", "no_network_features", "no_network_probes",
     "pixel_statistics_knn", "RAW_PIXELS", "head_epochs", "head_grid", "resolution_ceilings", "LINEAR_HEAD_MIN_GRID",
     "linear_head_out_of_scope",
-    "resolution_explanations", "capacity_explanations", "output_grid",
+    "resolution_explanations", "capacity_explanations", "output_grid", "input_resolution_jobs",
+    "input_resolution_check", "input_resolution_explanations",
     "sanity_results", "study1_claims", "study1_flags",
 ]
 
