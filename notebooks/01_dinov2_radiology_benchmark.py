@@ -377,7 +377,7 @@ save_table(resolution_check, "01_input_resolution_check", p, allow_empty=True)
 resolution_check.round(3)
 
 # %% [markdown]
-# The U-Net decoder reads five blocks and upsamples in four learned steps, so it should beat the
+# The U-Net decoder reads five blocks and upsamples in learned steps, so it should beat the
 # linear head on every backbone; the distance between a frozen encoder and the scratch U-Net is
 # the paper's question.
 #
