@@ -112,8 +112,9 @@ def test_fid_kid_matches_torch_fidelity_calculate_metrics():
 
 def test_fid_ranks_sets_and_caches_features():
     real, same, other = _smooth(5, seed=10), _smooth(5, seed=11), _noise(5, seed=12)
-    f_real = M.inception_features(real)  # cached by the test above (same images): no second Inception pass
+    f_real = M.inception_features(real)
     assert f_real.shape == (5, 2048) and f_real.dtype == np.float32
+    M.inception_features(same)  # self-contained: under pytest-xdist the test above may run on another worker
     assert len(list((cache_dir() / "inception_features").glob("*/features.npy"))) >= 2
     np.testing.assert_array_equal(M.inception_features(real, cache=False), f_real)  # recomputed: identical
     near, far = M.fid_kid(real, same)["fid"], M.fid_kid(real, other)["fid"]
