@@ -227,6 +227,13 @@ class BNLinearSegHead(LinearSegHead):
         return _resize(self.conv(self.norm(grid)), _pair(out_size))
 
 
+def last_grid_size(backbone: Backbone, image_size: int) -> int:
+    """Side of the backbone's last token / feature grid at ``image_size`` (e.g. 8 for 64 px, patch 8)."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device)
+        return int(backbone.features(probe, n_last=1)["grids"][-1].shape[-1])
+
+
 def decoder_doublings(grid: int, image_size: int | None, n_blocks: int = 4) -> int:
     """Up-blocks of a U-Net decoder that double the resolution: until ``grid`` reaches ``image_size``, at most ``n_blocks``."""
     if grid < 1:
@@ -274,12 +281,7 @@ def frozen_unet(backbone: Backbone, n_classes: int, channels: Sequence[int] | No
     chans = grid_channels(backbone, need)
     in_channels: int | list[int] = chans[0] if backbone.kind == "vit" else chans
     freeze(backbone).eval()
-    doublings = 4
-    if image_size is not None:
-        with torch.no_grad():
-            probe = torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device)
-            bottleneck = backbone.features(probe, n_last=1)["grids"][-1]
-        doublings = decoder_doublings(int(bottleneck.shape[-1]), int(image_size))
+    doublings = 4 if image_size is None else decoder_doublings(last_grid_size(backbone, image_size), int(image_size))
     return SegmentationModel(backbone, InputSizeUNetDecoder(in_channels, int(n_classes), channels=channels,
                                                             doublings=doublings))
 
@@ -542,17 +544,23 @@ def evaluate_prior(train: ImageSet, test: ImageSet, exclude_background: bool = T
                                                     names, row, test.patient_ids[row]) for row in range(len(test))])
 
 
+def _oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, where: str) -> np.ndarray:
+    """``masks`` as an (N, H, W) integer array, checked for a grid-oracle of side ``grid``."""
+    masks = _label_array(masks, "masks")
+    if masks.ndim != 3:
+        raise ValueError(f"{where}: masks must be (N, H, W), got shape {masks.shape}.")
+    if not 1 <= int(grid) <= min(masks.shape[1:]):
+        raise ValueError(f"{where}: grid must be 1..{min(masks.shape[1:])}, got {grid}.")
+    return masks
+
+
 def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int) -> np.ndarray:
     """The best labelling of a ``grid`` x ``grid`` map: each cell's majority class of the true mask, at full size.
 
     It bounds a head that predicts one label per cell (nearest upsampling); a head that upsamples its
     logits bilinearly draws inside cells and can do better (see :func:`bilinear_grid_oracle_masks`).
     """
-    masks = _label_array(masks, "masks")
-    if masks.ndim != 3:
-        raise ValueError(f"grid_oracle_masks: masks must be (N, H, W), got shape {masks.shape}.")
-    if not 1 <= int(grid) <= min(masks.shape[1:]):
-        raise ValueError(f"grid_oracle_masks: grid must be 1..{min(masks.shape[1:])}, got {grid}.")
+    masks = _oracle_masks(masks, grid, "grid_oracle_masks")
     onehot = F.one_hot(torch.as_tensor(masks, dtype=torch.long), int(n_classes)).permute(0, 3, 1, 2).float()
     cells = F.adaptive_avg_pool2d(onehot, int(grid))  # class shares per cell
     up = F.interpolate(cells, size=tuple(masks.shape[1:]), mode="nearest")
@@ -560,25 +568,20 @@ def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: in
 
 
 def bilinear_grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int, steps: int = 300,
-                               lr: float = 0.3, seed: int = 0) -> np.ndarray:
+                               lr: float = 0.3) -> np.ndarray:
     """The best labelling found that a ``grid`` x ``grid`` logit map can draw through bilinear upsampling, per image.
 
     Every head here predicts logits on a grid and upsamples them bilinearly, which draws inside a cell,
     so the cell-majority labelling (:func:`grid_oracle_masks`) is no bound. This fits a free logit map
     to each true mask (Adam from the cells' log class shares; per-image soft Dice over the classes
     present + 0.1 x cross-entropy) and returns its argmax at full size: an estimate of the ceiling from
-    below (a better optimiser may find more), deterministic for a given ``seed``.
+    below (a better optimiser may find more); deterministic, as nothing in it is drawn at random.
     """
-    masks = _label_array(masks, "masks")
-    if masks.ndim != 3:
-        raise ValueError(f"bilinear_grid_oracle_masks: masks must be (N, H, W), got shape {masks.shape}.")
-    if not 1 <= int(grid) <= min(masks.shape[1:]):
-        raise ValueError(f"bilinear_grid_oracle_masks: grid must be 1..{min(masks.shape[1:])}, got {grid}.")
+    masks = _oracle_masks(masks, grid, "bilinear_grid_oracle_masks")
     size = tuple(masks.shape[1:])
     target = torch.as_tensor(masks, dtype=torch.long)
     onehot = F.one_hot(target, int(n_classes)).permute(0, 3, 1, 2).float()
     present = (onehot.sum((2, 3)) > 0).float()
-    torch.manual_seed(seed)
     with torch.enable_grad():
         logits = torch.log(F.adaptive_avg_pool2d(onehot, int(grid)) + 1e-3).requires_grad_(True)
         optimizer = torch.optim.Adam([logits], lr=lr)
@@ -594,19 +597,12 @@ def bilinear_grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_cl
     return up.argmax(dim=1).numpy().astype(np.uint8)
 
 
-def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True,
-                         method: str = "bilinear") -> pd.DataFrame:
-    """Per-image Dice / Jaccard of the best labelling of a grid on ``test`` (columns of :func:`evaluate_segmenter`).
-
-    ``method="bilinear"``: :func:`bilinear_grid_oracle_masks` (what an upsampling head can draw);
-    ``"cell"``: :func:`grid_oracle_masks` (one label per cell).
-    """
-    if method not in ("bilinear", "cell"):
-        raise ValueError(f"method must be 'bilinear' or 'cell', got {method!r}.")
+def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True) -> pd.DataFrame:
+    """Per-image Dice / Jaccard of :func:`bilinear_grid_oracle_masks` on ``test`` (columns of :func:`evaluate_segmenter`)."""
     n_classes = len(test.mask_names) + 1
     _check_seg_set(test, n_classes, "evaluation")
     masks = np.asarray(test.masks)
-    best = (bilinear_grid_oracle_masks if method == "bilinear" else grid_oracle_masks)(masks, grid, n_classes)
+    best = bilinear_grid_oracle_masks(masks, grid, n_classes)
     names = _class_names(test, n_classes)
     return pd.DataFrame.from_records([_score_record(best[row], masks[row], n_classes, exclude_background, names, row,
                                                     test.patient_ids[row]) for row in range(len(test))])
@@ -907,7 +903,8 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 
 
 __all__ = [
-    "BNLinearSegHead", "DiceLoss", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
+    "BNLinearSegHead", "DiceLoss", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings",
+    "last_grid_size", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
     "segmentation_loss", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
     "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "lr_grid", "model_classes",
     "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",

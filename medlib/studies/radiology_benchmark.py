@@ -764,9 +764,7 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
 
 def head_grid(backbone: Backbone, image_size: int) -> int:
     """Side of the last token / feature grid that a linear head reads at ``image_size`` (e.g. 8 for 64 px, patch 8)."""
-    with torch.no_grad():
-        grid = backbone.features(torch.zeros(1, 3, image_size, image_size), n_last=1)["grids"][-1]
-    return int(grid.shape[-1])
+    return segmentation.last_grid_size(backbone, image_size)
 
 
 def output_grid(head: str, backbone: Backbone | None, image_size: int) -> int:
