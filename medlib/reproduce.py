@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -145,7 +147,6 @@ class _Terminated(BaseException):
 @contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
     """Inside: SIGTERM raises :class:`_Terminated` (main thread only; elsewhere nothing changes)."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -254,8 +255,13 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
 
 def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
               keep_going: bool = False, force: bool = False, site: bool = False, data: str | Path | None = None,
-              overrides: list[str] | None = None) -> list[NotebookRun]:
+              overrides: list[str] | None = None, jobs: int = 1) -> list[NotebookRun]:
     """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``.
+
+    ``jobs`` > 1 executes that many notebooks at once, each in its own process with its share of the
+    CPU threads (:func:`job_threads`), the longest first (:func:`longest_first`); caches are shared
+    safely (one build per entry, :func:`medlib.cache.entry_lock`). After a failure without
+    ``keep_going`` no further notebook starts, and the running ones finish.
 
     A notebook whose inputs (:func:`inputs_fingerprint`) are those of its last successful run is not
     executed again: its report is reused and the records say so. ``force`` re-executes everything.
@@ -266,12 +272,14 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
     """
     from .datafile import settings_env
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}.")
     with kernel_environment({}, **settings_env(data, overrides)):
-        return _reproduce(profile, kernel, only, keep_going, force, site)
+        return _reproduce(profile, kernel, only, keep_going, force, site, jobs)
 
 
 def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bool, force: bool,
-               site: bool = False) -> list[NotebookRun]:
+               site: bool = False, jobs: int = 1) -> list[NotebookRun]:
     from .datafile import active_settings, validate
 
     get_profile(profile)  # validate early
@@ -280,8 +288,9 @@ def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bo
         validate(profile, [p.stem for p in paths])  # every problem at once, before any compute
     for name in mark_killed_runs(profile):
         print(f"[reproduce:{profile}] {name}: its last run was killed; recorded as interrupted", flush=True)
-    runs = []
+    runs: list[NotebookRun] = []
     shared = shared_inputs(profile)
+    to_run: list[tuple[Path, str]] = []
     for path in paths:
         fingerprint = inputs_fingerprint(path, profile, shared)
         if not force and _reusable(path, profile, fingerprint):
@@ -300,12 +309,18 @@ def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bo
             print(f"[reproduce:{profile}] {path.stem}: inputs unchanged since its last successful run "
                   f"({record.get('created', '?')}); report reused (--force re-executes)", flush=True)
             continue
-        print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
-        run = run_notebook(path, profile, kernel, fingerprint=fingerprint)
-        runs.append(run)
-        print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}", flush=True)
-        if run.status != "ok" and not keep_going:
-            break
+        to_run.append((path, fingerprint))
+    if jobs > 1 and len(to_run) > 1:
+        runs += _run_parallel(to_run, profile, kernel, jobs, keep_going)
+    else:
+        for path, fingerprint in to_run:
+            print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
+            run = run_notebook(path, profile, kernel, fingerprint=fingerprint)
+            runs.append(run)
+            print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}",
+                  flush=True)
+            if run.status != "ok" and not keep_going:
+                break
     write_index(profile, runs)
     from .summary_page import write_summary  # the cross-study page a reader opens first
 
@@ -318,6 +333,107 @@ def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bo
         except (ImportError, RuntimeError, FileNotFoundError) as err:  # the reports stand without the site
             print(f"[reproduce:{profile}] site not built: {err}", file=sys.stderr, flush=True)
     return runs
+
+
+def job_threads(jobs: int, cpus: int | None = None) -> int:
+    """CPU threads for each of ``jobs`` notebooks run at once: an equal share of the cores, at least one."""
+    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count() or 1)
+    return max(1, int(cpus) // max(1, int(jobs)))
+
+
+def longest_first(paths: list[Path], profile: str) -> list[Path]:
+    """``paths`` ordered by their last recorded wall time, longest first (unknown ones first, in their order),
+    so that running notebooks at once ends as early as the longest allows."""
+    import json
+
+    runs = reports_dir(profile) / "runs.json"
+    try:
+        records = json.loads(runs.read_text()) if runs.exists() else {}
+    except json.JSONDecodeError:
+        records = {}
+
+    def last_wall(path: Path) -> float:
+        value = records.get(path.stem, {}).get("wall_time_s")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else float("inf")
+
+    return sorted(paths, key=last_wall, reverse=True)  # stable: ties keep the discovery order
+
+
+def _worker_command(path: Path, profile: str, kernel: str, fingerprint: str) -> list[str]:
+    return [sys.executable, "-m", "medlib.reproduce", "--profile", profile, "--kernel", kernel,
+            "--worker", str(path), "--fingerprint", fingerprint]
+
+
+def _finished_run(path: Path, profile: str, returncode: int, wall: float) -> NotebookRun:
+    """A worker's outcome from its run record (status, error), with the wall time seen from here."""
+    import json
+
+    out = reports_dir(profile)
+    try:
+        record = json.loads((out / "runs.json").read_text()).get(path.stem, {})
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    status = record.get("status", "failed")
+    error = record.get("error")
+    if returncode != 0 and status == "ok":
+        status, error = "failed", f"its worker process exited with code {returncode}"
+    if status == "running":  # the worker died before it could write its end
+        status, error = "interrupted", f"its worker process ended with code {returncode} before its record"
+    html = out / f"{path.stem}.html"
+    return NotebookRun(path.stem, status, float(record.get("wall_time_s", wall) or wall), out / f"{path.stem}.ipynb",
+                       html if html.exists() else None, error)
+
+
+def _run_parallel(to_run: list[tuple[Path, str]], profile: str, kernel: str, jobs: int,
+                  keep_going: bool) -> list[NotebookRun]:
+    """Execute notebooks ``jobs`` at a time in worker processes (``--worker``), the longest first."""
+    fingerprints = {path: fp for path, fp in to_run}
+    pending = longest_first([path for path, _ in to_run], profile)
+    threads = str(job_threads(jobs))
+    env = {**os.environ, **{k: os.environ.get(k, threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    print(f"[reproduce:{profile}] {len(pending)} notebooks, {jobs} at a time, {env['OMP_NUM_THREADS']} "
+          f"CPU thread(s) each", flush=True)
+    running: dict[Path, tuple[subprocess.Popen, float]] = {}
+    runs: dict[Path, NotebookRun] = {}
+    stop = False
+    try:
+        with _sigterm_as_exception():
+            while pending or running:
+                while pending and len(running) < jobs and not stop:
+                    path = pending.pop(0)
+                    print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
+                    proc = subprocess.Popen(_worker_command(path, profile, kernel, fingerprints[path]), env=env)
+                    running[path] = (proc, time.perf_counter())
+                for path, (proc, started) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[path]
+                    run = runs[path] = _finished_run(path, profile, proc.returncode, time.perf_counter() - started)
+                    print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}",
+                          flush=True)
+                    stop = stop or (run.status != "ok" and not keep_going)
+                if stop and not running:
+                    break
+                time.sleep(0.2)
+    except (KeyboardInterrupt, _Terminated):
+        deadline = time.time() + 30  # the workers record "interrupted" themselves (they got SIGINT too)
+        for proc, _ in running.values():
+            if proc.poll() is None and not _wait(proc, deadline):
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in running.values():
+            _wait(proc, time.time() + 30)
+        raise
+    return [runs[path] for path, _ in to_run if path in runs]
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait for ``proc`` until ``deadline`` (time.time()); whether it ended."""
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.time()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def write_index(profile: str, runs: list[NotebookRun]) -> Path:
@@ -403,11 +519,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="a data file (TOML, see data.example.toml): sources, weights folder, overrides")
     parser.add_argument("--override", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="profile fields to change, e.g. eval.finetune_epochs=1 backbone.compare=dinov2-vit-s14")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks executed at once, each in its own process with an equal share of the "
+                             "CPU threads (default 1)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one notebook, for --jobs: its .py path
+    parser.add_argument("--fingerprint", help=argparse.SUPPRESS)
     parser.add_argument("--refresh-committed", action="store_true",
                         help="instead: re-execute notebooks/*.ipynb in place on the profile (smoke) for nbval")
     parser.add_argument("--publish-committed", action="store_true",
                         help="instead: write notebooks/*.ipynb with the outputs of the profile's executed reports")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.worker:
+        run = run_notebook(Path(args.worker), args.profile, args.kernel, progress=False, fingerprint=args.fingerprint)
+        return 0 if run.status == "ok" else 1
     if args.publish_committed:
         for path in discover_notebooks(only=args.only):
             print(f"[publish] {path.stem}: {args.profile} outputs -> {display_path(publish_committed(path, args.profile))}")
@@ -418,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .datafile import DataFileError
 
+    started = time.perf_counter()
     try:
         runs = reproduce(args.profile, args.kernel, args.only, args.keep_going, args.force, site=args.site,
-                         data=args.data,
-                         overrides=args.override)
+                         data=args.data, overrides=args.override, jobs=args.jobs)
     except DataFileError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -431,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r.wall_time_s for r in runs if not r.reused)
     reused = sum(r.reused for r in runs)
     print(f"[reproduce:{args.profile}] {len(runs) - len(failed)}/{len(runs)} notebooks ok ({reused} reused) in "
-          f"{total:.1f} s")
+          f"{time.perf_counter() - started:.1f} s wall (notebooks executed: {total:.1f} s"
+          f"{f', {args.jobs} at a time' if args.jobs > 1 else ''})")
     return 1 if failed else 0
 
 

@@ -283,3 +283,71 @@ def test_publish_committed_takes_outputs_of_matching_cells_only(tmp_path, monkey
     assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None  # stale cell shows no old output
     with pytest.raises(FileNotFoundError, match="make reproduce"):
         reproduce.publish_committed(tmp_path / "08_missing.py", "tiny")
+
+
+def test_job_threads_shares_the_cores_and_keeps_one():
+    assert reproduce.job_threads(1, cpus=2) == 2
+    assert reproduce.job_threads(2, cpus=2) == 1
+    assert reproduce.job_threads(3, cpus=2) == 1, "never zero threads"
+    assert reproduce.job_threads(2, cpus=16) == 8 and reproduce.job_threads(3, cpus=16) == 5
+    assert reproduce.job_threads(1) >= 1
+
+
+def test_longest_first_orders_by_the_last_wall_time(nb_dir, tmp_path):
+    paths = [nb_dir / f"{n}.py" for n in ("00_a", "01_b", "02_c", "03_d")]
+    assert reproduce.longest_first(paths, "smoke") == paths, "no records: discovery order"
+    runs = tmp_path / "reports" / "smoke" / "runs.json"
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_text(json.dumps({"00_a": {"wall_time_s": 5.0}, "01_b": {"wall_time_s": 50.0},
+                                "03_d": {"wall_time_s": 20.0}}))
+    assert [p.stem for p in reproduce.longest_first(paths, "smoke")] == ["02_c", "01_b", "03_d", "00_a"], \
+        "a notebook never timed goes first (it may be the longest)"
+    runs.write_text("{not json")
+    assert reproduce.longest_first(paths, "smoke") == paths
+
+
+def test_reproduce_rejects_a_bad_jobs_count():
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce.reproduce("smoke", jobs=0)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "smoke", "--jobs", "0"])
+
+
+THREADS = GOOD + '\n# %%\nimport os, time\ntime.sleep(float(os.environ.get("SLEEP", "0")))\nprint("threads", os.environ.get("OMP_NUM_THREADS"))\n'
+
+
+@pytest.mark.slow
+def test_jobs_run_notebooks_at_once_in_workers_with_a_share_of_threads(nb_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    names = ["00_one", "01_two", "02_three"]
+    for name in names:
+        (nb_dir / f"{name}.py").write_text(THREADS)
+    monkeypatch.setattr(reproduce, "discover_notebooks", lambda only=None: [nb_dir / f"{n}.py" for n in names])
+    monkeypatch.setattr("medlib.summary_page.write_summary", lambda profile: tmp_path / "summary.html")
+    runs = reproduce.reproduce("smoke", kernel="python3", jobs=2)
+    assert [r.notebook for r in runs] == names and all(r.status == "ok" and r.html.exists() for r in runs)
+    records = json.loads((tmp_path / "reports" / "smoke" / "runs.json").read_text())
+    assert all(records[n]["status"] == "ok" and records[n]["inputs"] for n in names)
+    for run in runs:
+        nb = nbformat.read(run.output, as_version=4)
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert f"threads {reproduce.job_threads(2)}" in text and "profile is smoke" in text
+    assert [r.reused for r in reproduce.reproduce("smoke", kernel="python3", jobs=2)] == [True] * 3
+
+
+@pytest.mark.slow
+def test_jobs_start_nothing_new_after_a_failure_unless_keep_going(nb_dir, tmp_path, monkeypatch):
+    (nb_dir / "00_bad.py").write_text(BAD)
+    (nb_dir / "01_slow.py").write_text(THREADS)
+    (nb_dir / "02_never.py").write_text(THREADS)
+    paths = [nb_dir / f"{n}.py" for n in ("00_bad", "01_slow", "02_never")]
+    monkeypatch.setenv("SLEEP", "8")  # 01_slow is still running when 00_bad fails
+    monkeypatch.setattr(reproduce, "discover_notebooks", lambda only=None: paths)
+    monkeypatch.setattr("medlib.summary_page.write_summary", lambda profile: tmp_path / "summary.html")
+    runs = reproduce.reproduce("smoke", kernel="python3", jobs=2)
+    assert {r.notebook: r.status for r in runs} == {"00_bad": "failed", "01_slow": "ok"}, \
+        "the running notebook finishes, no new one starts"
+    assert "broken on purpose" in runs[0].error
+    monkeypatch.setenv("SLEEP", "0")
+    runs = reproduce.reproduce("smoke", kernel="python3", jobs=2, keep_going=True)
+    assert {r.notebook: r.status for r in runs} == {"00_bad": "failed", "01_slow": "ok", "02_never": "ok"}
