@@ -110,7 +110,8 @@ class EvalConfig:
     # our assumption: every head trained on all images trains at least this many steps (CT slices, seven small
     # structures, need several hundred; few-shot curves keep eval.seg_epochs' steps, see segmentation_few_shot_table)
     seg_min_steps: int = 0
-    # seeded restarts of each all-images segmentation run, the best on validation Dice kept (our assumption; on CT
+    # at most this many seeded runs of each all-images segmentation model, the best on validation Dice kept; a further
+    # run only while the best so far leaves a class below the image-blind prior on validation (our assumption; on CT
     # slices about one U-Net-from-scratch run in three collapsed a class at lr 0.1, and validation Dice shows it)
     seg_restarts: int = 1
     # retrain each U-Net still below the prior at the masks' resolution (notebook 01's input-resolution check)

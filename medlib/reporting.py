@@ -221,7 +221,7 @@ def figure_texts(fig: Any) -> list[str]:
 
 #: columns that depend on the machine, its load or the cache's state, not on the computation: ``save_table``
 #: writes them to ``<name>_timing`` so that the result tables of two runs are byte-identical
-TIMING_COLUMNS = ("seconds", "train_s", "seconds_per_image", "wall_time_s", "time_s", "cached", "cache_hit")
+TIMING_COLUMNS = ("seconds", "seconds_per_epoch", "train_s", "seconds_per_image", "wall_time_s", "time_s", "cached", "cache_hit")
 
 
 def save_table(df: pd.DataFrame, name: str, profile: str | Profile, float_format: str = "{:.3f}",

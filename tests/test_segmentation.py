@@ -231,14 +231,56 @@ def test_lr_grid_picks_best_val_dice_and_computes_features_once(cxr, monkeypatch
 def test_lr_grid_restarts_are_seeded_runs_selected_on_validation(small):
     train, val = small
     best, table = lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=2, epochs=1, batch_size=4, image_size=32,
-                          device="cpu", seed=3)
+                          device="cpu", seed=3, restart_below_prior=False)
     assert table["restart"].tolist() == [0, 1] and table["seed"].iloc[0] == 3 and table["seed"].iloc[1] != 3
     assert table["selected"].sum() == 1 and best.best_val_dice == table["best_val_dice"].max()
     again = lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=2, epochs=1, batch_size=4, image_size=32,
-                    device="cpu", seed=3)[1]
+                    device="cpu", seed=3, restart_below_prior=False)[1]
     pd.testing.assert_frame_equal(table.drop(columns="seconds_per_epoch"), again.drop(columns="seconds_per_epoch"))
     with pytest.raises(ValueError, match="restarts must be an int >= 1"):
         lr_grid(_tiny_unet, train, val, lrs=(0.05,), restarts=0, epochs=1, batch_size=4, image_size=32)
+
+
+def test_label_map_is_argmax_over_classes_first_on_ties():
+    logits = torch.randn(3, 5, 17, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seg.label_map(logits), logits.argmax(dim=1))
+    tied = torch.zeros(2, 4, 8, 8)
+    tied[:, 1] = tied[:, 3] = 1.0
+    assert torch.equal(seg.label_map(tied), torch.ones(2, 8, 8, dtype=torch.long)), "the first maximal class wins"
+    assert seg.label_map(logits).shape == (3, 17, 9)
+
+
+def test_classes_below_prior_compares_class_means_and_skips_unscored_classes():
+    prior = pd.DataFrame({"dice": [0.5, 0.5], "dice_heart": [0.8, 0.6], "dice_lung": [0.5, 0.7],
+                          "dice_tumour": [np.nan, np.nan]})
+    model = pd.DataFrame({"dice": [0.9, 0.9], "dice_heart": [0.9, 0.4], "dice_lung": [0.9, 0.9],
+                          "dice_tumour": [0.1, np.nan]})
+    assert seg.classes_below_prior(model, prior) == ["heart"], "heart: 0.65 < 0.70; tumour: the prior never scores it"
+    assert seg.classes_below_prior(model.assign(dice_heart=[0.8, 0.6]), prior) == [], "equal is not below"
+    assert seg.classes_below_prior(model.assign(dice_lung=np.nan), prior) == ["heart", "lung"], "never scored is below"
+
+
+def test_lr_grid_restarts_only_while_a_class_is_below_the_prior_on_validation(small, monkeypatch):
+    train, val = small
+    seen = []
+
+    def below(scores, prior):
+        seen.append((len(scores), len(prior)))
+        return verdicts.pop(0)
+
+    monkeypatch.setattr(seg, "classes_below_prior", below)
+    kwargs = dict(lrs=(0.05,), restarts=3, epochs=1, batch_size=4, image_size=32, device="cpu", seed=3)
+    verdicts = [[]]
+    table = lr_grid(_tiny_unet, train, val, **kwargs)[1]
+    assert table["restart"].tolist() == [0] and table["val_below_prior"].tolist() == [""]
+    assert seen == [(len(val), len(val))], "judged on validation images, never test"
+    verdicts = [["heart"], []]
+    table = lr_grid(_tiny_unet, train, val, **kwargs)[1]
+    assert table["restart"].tolist() == [0, 1] and table["val_below_prior"].tolist() == ["heart", ""]
+    verdicts = [["heart"], ["heart", "lung"]]
+    table = lr_grid(_tiny_unet, train, val, **kwargs)[1]
+    assert table["restart"].tolist() == [0, 1, 2], "at most `restarts` runs; the last is not judged"
+    assert table["selected"].sum() == 1
 
 
 def test_few_shot_draws_only_from_train(monkeypatch):

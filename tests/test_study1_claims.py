@@ -378,3 +378,18 @@ def test_input_resolution_check_trains_at_the_masks_resolution():
     assert ((check["dice"] >= 0) & (check["dice"] <= 1)).all() and (check["prior_dice"] > 0).all()
     empty = rb.input_resolution_check({}, sets, seg, "smoke", [], device="cpu")
     assert empty.empty and "image_size" in empty.columns
+
+
+def test_seg_runs_lists_every_run_with_its_model_and_an_empty_frame_without_runs():
+    from medlib.studies import radiology_benchmark as rb
+
+    grid = pd.DataFrame({"lr": [0.1, 0.1], "restart": [0, 1], "seed": [0, 7], "best_val_dice": [0.5, 0.8],
+                         "best_epoch": [3, 4], "val_below_prior": ["aorta", ""], "selected": [False, True],
+                         "seconds_per_epoch": [1.0, 1.0]})
+    seg = rb.SegTables(table=pd.DataFrame(), lr_tables={("ct", "-", "scratch"): grid,
+                                                        ("ct", "bb", "linear"): grid.iloc[:1]})
+    runs = seg.runs()
+    assert list(runs.columns[:2]) == ["dataset", "model"] and len(runs) == 3
+    assert runs["model"].tolist() == [rb.SCRATCH, rb.SCRATCH, "bb + linear head"]
+    assert runs.loc[runs["selected"], "restart"].tolist() == [1]
+    assert rb.SegTables(table=pd.DataFrame()).runs().empty

@@ -99,6 +99,15 @@ def _label_array(labels: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return array
 
 
+def label_map(logits: torch.Tensor) -> torch.Tensor:
+    """The class of each pixel, (B, C, H, W) -> (B, H, W): ``argmax`` over classes, the first on ties.
+
+    ``max(dim=1).indices`` gives the same labels (first maximal index on ties, as documented for both)
+    and is about 10x faster on CPU than ``argmax(dim=1)``, which reduces across the strided class axis.
+    """
+    return logits.max(dim=1).indices
+
+
 def _check_n_classes(n_classes: int, exclude_background: bool, where: str) -> None:
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
         raise ValueError(f"{where}: n_classes must be a positive int (background + foreground classes), "
@@ -349,9 +358,9 @@ def _stack(ds: ImageSet, rows: np.ndarray, transform: SegmentationTransform,
     blank = np.zeros(ds.images.shape[1:3], dtype=np.uint8)
     for row in rows:
         mask = np.asarray(ds.masks[row]) if ds.masks is not None else blank
-        image, label_map = transform(np.asarray(ds.images[row]), mask, generator=generator)
+        image, labels = transform(np.asarray(ds.images[row]), mask, generator=generator)
         images.append(image)
-        masks.append(label_map)
+        masks.append(labels)
     return torch.stack(images), torch.stack(masks)
 
 
@@ -488,7 +497,7 @@ def predict_masks(model: nn.Module, ds: ImageSet, image_size: int, device: str =
     device = resolve_device(device)
     out = np.zeros(ds.images.shape[:3], dtype=np.uint8)
     for rows, logits in _native_logits(model, ds, image_size, device, batch_size):
-        out[rows] = logits.argmax(dim=1).cpu().numpy().astype(np.uint8)
+        out[rows] = label_map(logits).cpu().numpy().astype(np.uint8)
     return out
 
 
@@ -564,7 +573,7 @@ def grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: in
     onehot = F.one_hot(torch.as_tensor(masks, dtype=torch.long), int(n_classes)).permute(0, 3, 1, 2).float()
     cells = F.adaptive_avg_pool2d(onehot, int(grid))  # class shares per cell
     up = F.interpolate(cells, size=tuple(masks.shape[1:]), mode="nearest")
-    return up.argmax(dim=1).numpy().astype(np.uint8)
+    return label_map(up).numpy().astype(np.uint8)
 
 
 def bilinear_grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_classes: int, steps: int = 300,
@@ -594,7 +603,7 @@ def bilinear_grid_oracle_masks(masks: np.ndarray | torch.Tensor, grid: int, n_cl
             loss.backward()
             optimizer.step()
     up = F.interpolate(logits.detach(), size=size, mode="bilinear", align_corners=False)
-    return up.argmax(dim=1).numpy().astype(np.uint8)
+    return label_map(up).numpy().astype(np.uint8)
 
 
 def evaluate_grid_oracle(test: ImageSet, grid: int, exclude_background: bool = True) -> pd.DataFrame:
@@ -623,7 +632,7 @@ def _score_images(model: nn.Module, ds: ImageSet, image_size: int, device: str, 
         batch_loss = (soft_dice_loss(logits, target, exclude_background) if loss is None
                       else segmentation_loss(logits, target, loss))
         loss_sum += float(batch_loss) * len(rows)
-        preds = logits.argmax(dim=1).cpu().numpy()
+        preds = label_map(logits).cpu().numpy()
         for i, row in enumerate(rows):
             records.append(_score_record(preds[i], np.asarray(ds.masks[row]), n_classes, exclude_background, names,
                                          row, ds.patient_ids[row]))
@@ -811,34 +820,61 @@ def _config(train_kwargs: dict[str, Any], **fixed: Any) -> SegTrainConfig:
         raise TypeError(f"{err}; training options are: {accepted}.") from err
 
 
+def classes_below_prior(scores: pd.DataFrame, prior: pd.DataFrame) -> list[str]:
+    """Foreground classes whose mean Dice in ``scores`` is below the prior's in ``prior`` (both per-image frames of
+    :func:`evaluate_segmenter` on the same images); a class the prior never scores (NaN) is skipped."""
+    out = []
+    for column in [c for c in prior.columns if c.startswith("dice_")]:
+        prior_dice, dice = _nanmean(prior[column].to_numpy()), _nanmean(scores[column].to_numpy())
+        if not math.isnan(prior_dice) and (math.isnan(dice) or dice < prior_dice):
+            out.append(column[len("dice_"):])
+    return out
+
+
 def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageSet,
-            lrs: Sequence[float] = LR_GRID, *, seed: int = 0, restarts: int = 1,
+            lrs: Sequence[float] = LR_GRID, *, seed: int = 0, restarts: int = 1, restart_below_prior: bool = True,
             **train_kwargs: Any) -> tuple[SegResult, pd.DataFrame]:
     """Train a fresh model per learning rate (and per restart) and keep the one with the best validation Dice.
 
     ``train_kwargs`` are :func:`train_segmenter`'s (epochs, batch_size, image_size, optimizer, ...).
     Restart 0 uses ``seed``, restart r > 0 ``derive_seed(seed, "restart", r)`` (initialisation and batch
     order); a run whose training collapsed a class shows it in its validation Dice, and selection on
-    validation, never test, drops it. Frozen-backbone grids are computed once for the whole grid when
-    the factory reuses one backbone. Returns the best run and a table (lr, restart, seed,
-    best_val_dice, best_epoch, seconds_per_epoch, selected).
+    validation, never test, drops it. With ``restart_below_prior`` a learning rate gets its next
+    restart only while its best run so far leaves a foreground class below the image-blind prior on
+    validation (:func:`classes_below_prior`); otherwise every rate gets all ``restarts``.
+    Frozen-backbone grids are computed once for the whole grid when the factory reuses one backbone.
+    Returns the best run and a table (lr, restart, seed, best_val_dice, best_epoch, seconds_per_epoch,
+    val_below_prior - the classes that triggered the next restart -, selected).
     """
     if len(lrs) == 0:
         raise ValueError("lr_grid needs at least one learning rate.")
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 1:
         raise ValueError(f"restarts must be an int >= 1, got {restarts!r}.")
     store, best, best_run, rows = None, None, None, []
+    prior_val = evaluate_prior(train, val) if restarts > 1 and restart_below_prior else None
     for lr in lrs:
+        lr_best: tuple[float, SegResult] | None = None
         for restart in range(int(restarts)):
             run_seed = seed if restart == 0 else derive_seed(seed, "restart", restart)
             cfg = _config(train_kwargs, lr=float(lr), seed=run_seed)
             seed_everything(run_seed)
             result, store = _fit(model_factory(), train, np.arange(len(train)), val, cfg, store)
-            rows.append({"lr": float(lr), "restart": restart, "seed": run_seed, "best_val_dice": result.best_val_dice,
-                         "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch})
             score = result.best_val_dice if not math.isnan(result.best_val_dice) else -math.inf
+            if lr_best is None or score > lr_best[0]:
+                lr_best = (score, result)
+            below: list[str] = []
+            if prior_val is not None and restart < restarts - 1:
+                device = resolve_device(cfg.device)
+                val_scores, _ = _score_images(lr_best[1].model, val, cfg.image_size, device, cfg.batch_size,
+                                              cfg.exclude_background, store, check=False)
+                below = classes_below_prior(val_scores, prior_val)
+            rows.append({"lr": float(lr), "restart": restart, "seed": run_seed, "best_val_dice": result.best_val_dice,
+                         "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch,
+                         "val_below_prior": ", ".join(below)})
             if best is None or score > best[0]:
                 best, best_run = (score, result), len(rows) - 1
+            if prior_val is not None and not below:
+                break
     table = pd.DataFrame(rows)
     table["selected"] = np.arange(len(table)) == best_run
     return best[1], table
@@ -903,9 +939,9 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 
 
 __all__ = [
-    "BNLinearSegHead", "DiceLoss", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings",
+    "BNLinearSegHead", "DiceLoss", "classes_below_prior", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings",
     "last_grid_size", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
     "segmentation_loss", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
-    "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "lr_grid", "model_classes",
+    "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "label_map", "lr_grid", "model_classes",
     "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",
 ]
