@@ -94,3 +94,22 @@ def test_bench_runner_writes_json_and_markdown_naming_the_machine(tmp_path, monk
 def test_bench_runner_rejects_unknown_benchmarks(tmp_path):
     with pytest.raises(SystemExit):
         bench_run.main(["--out", str(tmp_path), "--only", "nonsense"])
+
+
+def test_bench_reproduce_sets_times_beside_budgets_and_computes_its_ratio(tmp_path, monkeypatch):
+    from benchmarks import bench_reproduce
+
+    runs = tmp_path / "tiny" / "runs.json"
+    runs.parent.mkdir()
+    runs.write_text(json.dumps({"00_a": {"wall_time_s": 30.04, "machine": "x86_64 2 cores"},
+                                "01_b": {"wall_time_s": 1500.0, "machine": "x86_64 2 cores"}}))
+    recorded = bench_reproduce.recorded_times("tiny", tmp_path)
+    assert recorded == {"00_a": 30.0, "01_b": 1500.0, "sum_s": 1530.0, "machines": ["x86_64 2 cores"]}
+    assert bench_reproduce.recorded_times("smoke", tmp_path) == {"missing": str(tmp_path / "smoke" / "runs.json")}
+    walls = {1: 150.0, 2: 75.0}
+    monkeypatch.setattr(bench_reproduce, "cold_reproduce_s", lambda profile, jobs: {"wall_s": walls[jobs]})
+    monkeypatch.setattr(bench_reproduce, "recorded_times", lambda profile: recorded)
+    report = bench_reproduce.main(jobs=(1, 2))
+    assert report["smoke_speedup_vs_jobs1"] == {2: 2.0}
+    assert report["smoke_cold_jobs1_within_budget"] is False and report["smoke_cold_jobs2_within_budget"] is True
+    assert report["tiny_recorded_within_budget"] is False and report["budget_tiny_s"] == 1200.0
