@@ -348,8 +348,8 @@ print(f"{len(below_prior)} (model, class) pairs at or below the image-blind prio
 below_prior.round(3)
 
 # %% [markdown]
-# The models that were given a second seed, and why: `val_below_prior` lists the classes the run
-# left below the prior on validation; `selected` marks the run kept.
+# The models that were given a second seed, and why: `val_below_prior` lists the classes each run
+# left below the prior on validation; `selected` marks the run kept (the best on validation Dice).
 
 # %%
 runs = seg.runs()
@@ -371,8 +371,8 @@ save_table(ceilings, "01_resolution_ceilings", p)
 ceilings.pivot_table(index=["dataset", "class"], columns="grid", values="dice", sort=False).round(3)
 
 # %% [markdown]
-# A U-Net that still falls below the prior on some class, with neither explanation, is trained once
-# more in the same way (lr, steps, seed) on images at the masks' own resolution (at most twice
+# A U-Net that still falls below the prior on some class, with neither explanation, is trained again
+# in the same way (lr, steps, seeds, restart rule) on images at the masks' own resolution (at most twice
 # `profile.backbone.image_size`; `profile.eval.seg_resolution_check` turns this off, as in `smoke`,
 # whose one-epoch models would all qualify). If it then beats the prior, the deficit came from the blurred input,
 # not from the method: a structure a few pixels wide, such as the CT aorta, loses its outline at half

@@ -275,12 +275,15 @@ def test_lr_grid_restarts_only_while_a_class_is_below_the_prior_on_validation(sm
     assert table["restart"].tolist() == [0] and table["val_below_prior"].tolist() == [""]
     assert seen == [(len(val), len(val))], "judged on validation images, never test"
     verdicts = [["heart"], []]
-    table = lr_grid(_tiny_unet, train, val, **kwargs)[1]
+    table = lr_grid(_tiny_unet, train, val, **{**kwargs, "restarts": 2})[1]
     assert table["restart"].tolist() == [0, 1] and table["val_below_prior"].tolist() == ["heart", ""]
-    verdicts = [["heart"], ["heart", "lung"]]
+    verdicts = [["heart"], ["heart", "lung"], ["lung"]]
     table = lr_grid(_tiny_unet, train, val, **kwargs)[1]
-    assert table["restart"].tolist() == [0, 1, 2], "at most `restarts` runs; the last is not judged"
-    assert table["selected"].sum() == 1
+    assert table["restart"].tolist() == [0, 1, 2], "at most `restarts` runs"
+    assert table["val_below_prior"].tolist() == ["heart", "heart, lung", "lung"], "every run is judged"
+    assert table["selected"].sum() == 1 and not verdicts
+    table = lr_grid(_tiny_unet, train, val, **{**kwargs, "restart_below_prior": False})[1]
+    assert table["restart"].tolist() == [0, 1, 2] and table["val_below_prior"].isna().all(), "not judged"
 
 
 def test_few_shot_draws_only_from_train(monkeypatch):

@@ -844,7 +844,8 @@ def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageS
     validation (:func:`classes_below_prior`); otherwise every rate gets all ``restarts``.
     Frozen-backbone grids are computed once for the whole grid when the factory reuses one backbone.
     Returns the best run and a table (lr, restart, seed, best_val_dice, best_epoch, seconds_per_epoch,
-    val_below_prior - the classes that triggered the next restart -, selected).
+    val_below_prior - the classes this run leaves below the prior on validation, None when not
+    judged -, selected).
     """
     if len(lrs) == 0:
         raise ValueError("lr_grid needs at least one learning rate.")
@@ -853,28 +854,27 @@ def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageS
     store, best, best_run, rows = None, None, None, []
     prior_val = evaluate_prior(train, val) if restarts > 1 and restart_below_prior else None
     for lr in lrs:
-        lr_best: tuple[float, SegResult] | None = None
+        lr_best: tuple[float, list[str]] | None = None  # (validation Dice, classes below the prior) of the lr's best
         for restart in range(int(restarts)):
             run_seed = seed if restart == 0 else derive_seed(seed, "restart", restart)
             cfg = _config(train_kwargs, lr=float(lr), seed=run_seed)
             seed_everything(run_seed)
             result, store = _fit(model_factory(), train, np.arange(len(train)), val, cfg, store)
             score = result.best_val_dice if not math.isnan(result.best_val_dice) else -math.inf
-            if lr_best is None or score > lr_best[0]:
-                lr_best = (score, result)
             below: list[str] = []
-            if prior_val is not None and restart < restarts - 1:
-                device = resolve_device(cfg.device)
-                val_scores, _ = _score_images(lr_best[1].model, val, cfg.image_size, device, cfg.batch_size,
-                                              cfg.exclude_background, store, check=False)
+            if prior_val is not None:
+                val_scores, _ = _score_images(result.model, val, cfg.image_size, resolve_device(cfg.device),
+                                              cfg.batch_size, cfg.exclude_background, store, check=False)
                 below = classes_below_prior(val_scores, prior_val)
+            if lr_best is None or score > lr_best[0]:
+                lr_best = (score, below)
             rows.append({"lr": float(lr), "restart": restart, "seed": run_seed, "best_val_dice": result.best_val_dice,
                          "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch,
-                         "val_below_prior": ", ".join(below)})
+                         "val_below_prior": ", ".join(below) if prior_val is not None else None})
             if best is None or score > best[0]:
                 best, best_run = (score, result), len(rows) - 1
-            if prior_val is not None and not below:
-                break
+            if prior_val is not None and not lr_best[1]:
+                break  # the best run of this lr leaves no class below the prior on validation
     table = pd.DataFrame(rows)
     table["selected"] = np.arange(len(table)) == best_run
     return best[1], table

@@ -906,8 +906,9 @@ def input_resolution_check(backbones: Mapping[str, Backbone], seg_sets: Mapping[
     size (here at most twice the model's input, as the paper segments at 448 px what it classifies at
     224); a structure a few pixels wide (CT aorta) is then blurred in the input, though its position
     is not. Same lr (the one chosen on validation), step budget and seed as in
-    :func:`segmentation_table`, one run (no restarts; our assumption, for its cost). Long table as
-    ``SegTables.per_class`` plus image_size; empty when there is no job.
+    :func:`segmentation_table`, with the same restart rule (a further seed only while a class stays
+    below the prior on validation). Long table as ``SegTables.per_class`` plus image_size; empty when
+    there is no job.
     """
     p = get_profile(profile)
     kwargs = _train_kwargs(p, device)
@@ -923,7 +924,8 @@ def input_resolution_check(backbones: Mapping[str, Backbone], seg_sets: Mapping[
         lr = _chosen_lr(seg.table, dataset, label, p.eval.seg_lrs[0])
         epochs = head_epochs(p, head, len(parts["train"]), kwargs["epochs"])
         best, _ = segmentation.lr_grid(_seg_factory(head, backbone, n_classes, size), parts["train"], parts["val"],
-                                       (lr,), seed=p.seed, **{**kwargs, "epochs": epochs, "image_size": size})
+                                       (lr,), seed=p.seed, restarts=p.eval.seg_restarts,
+                                       **{**kwargs, "epochs": epochs, "image_size": size})
         per_image = segmentation.evaluate_segmenter(best.model, parts["test"], size, device)
         prior = segmentation.evaluate_prior(parts["train"], parts["test"])
         rows += [{**r, "image_size": size}
