@@ -128,6 +128,11 @@ def kernel_environment(defaults: Mapping[str, str] = HEADLESS, **forced: str) ->
                 os.environ[name] = value
 
 
+#: Seconds a kernel may take to answer its first request (papermill's default of 60 once failed notebook 01 of a
+#: cold `smoke` run of `make bench` on 2 cores; the cause was not found, a slow start is not worth a failed run).
+KERNEL_START_TIMEOUT_S = 300
+
+
 def render_html(ipynb: Path) -> Path:
     """Render an executed notebook to HTML beside it (nbconvert's lab template)."""
     import nbformat
@@ -233,7 +238,7 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
         with kernel_environment(MEDLIB_NOTEBOOK=py_path.stem), _sigterm_as_exception():
             pm.execute_notebook(nb, str(output), parameters={"profile": profile}, kernel_name=kernel,
                                 language="python", cwd=str(py_path.parent), progress_bar=progress,
-                                execution_timeout=timeout)
+                                execution_timeout=timeout, start_timeout=KERNEL_START_TIMEOUT_S)
         status = "ok"
     except pm.PapermillExecutionError as exc:
         status = "failed"
