@@ -348,21 +348,31 @@ def job_threads(jobs: int, cpus: int | None = None) -> int:
 
 
 def longest_first(paths: list[Path], profile: str) -> list[Path]:
-    """``paths`` ordered by their last recorded wall time, longest first (unknown ones first, in their order),
-    so that running notebooks at once ends as early as the longest allows."""
+    """``paths`` ordered by their last recorded wall time, longest first, so that running notebooks at once ends
+    as early as the longest allows. The times come from this profile's run records, or, when those miss a
+    notebook, from another profile's that time them all (relative lengths carry over; a fresh clone has the
+    committed ``tiny`` records); otherwise a notebook never timed goes first, the rest in their order."""
     import json
 
-    runs = reports_dir(profile) / "runs.json"
-    try:
-        records = json.loads(runs.read_text()) if runs.exists() else {}
-    except json.JSONDecodeError:
-        records = {}
+    def records_of(folder: Path) -> dict:
+        try:
+            runs = folder / "runs.json"
+            return json.loads(runs.read_text()) if runs.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
 
-    def last_wall(path: Path) -> float:
-        value = records.get(path.stem, {}).get("wall_time_s")
-        return float(value) if isinstance(value, (int, float)) and value > 0 else float("inf")
+    def wall(records: dict, path: Path) -> float | None:
+        value = records.get(path.stem, {}).get("wall_time_s") if isinstance(records.get(path.stem), dict) else None
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
-    return sorted(paths, key=last_wall, reverse=True)  # stable: ties keep the discovery order
+    own = reports_dir(profile)
+    others = sorted(f for f in own.parent.iterdir() if f.is_dir() and f != own) if own.parent.is_dir() else []
+    for folder in [own, *others]:
+        records = records_of(folder)
+        if all(wall(records, path) is not None for path in paths):
+            return sorted(paths, key=lambda path: wall(records, path), reverse=True)
+    records = records_of(own)
+    return sorted(paths, key=lambda path: wall(records, path) or float("inf"), reverse=True)  # stable
 
 
 def _worker_command(path: Path, profile: str, kernel: str, fingerprint: str) -> list[str]:

@@ -304,6 +304,16 @@ def test_longest_first_orders_by_the_last_wall_time(nb_dir, tmp_path):
         "a notebook never timed goes first (it may be the longest)"
     runs.write_text("{not json")
     assert reproduce.longest_first(paths, "smoke") == paths
+    other = tmp_path / "reports" / "tiny" / "runs.json"
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text(json.dumps({"00_a": {"wall_time_s": 30.0}, "01_b": {"wall_time_s": 2000.0},
+                                 "02_c": {"wall_time_s": 300.0}, "03_d": {"wall_time_s": 1000.0}}))
+    assert [p.stem for p in reproduce.longest_first(paths, "smoke")] == ["01_b", "03_d", "02_c", "00_a"], \
+        "another profile that times every notebook gives the order"
+    runs.write_text(json.dumps({"00_a": {"wall_time_s": 5.0}, "01_b": {"wall_time_s": 50.0},
+                                "02_c": {"wall_time_s": 1.0}, "03_d": {"wall_time_s": 20.0}}))
+    assert [p.stem for p in reproduce.longest_first(paths, "smoke")] == ["01_b", "03_d", "00_a", "02_c"], \
+        "the profile's own records win when they time every notebook"
 
 
 def test_reproduce_rejects_a_bad_jobs_count():
