@@ -29,7 +29,8 @@ def cold_reproduce_s(profile: str = "smoke", jobs: int = 1, kernel: str = "medli
         if done.returncode != 0:
             raise RuntimeError(f"reproduce --profile {profile} --jobs {jobs} failed:\n{done.stderr[-2000:]}")
         records = json.loads((Path(tmp) / "reports" / profile / "runs.json").read_text())
-    return {"wall_s": round(wall, 1), **{name: round(float(r["wall_time_s"]), 1) for name, r in sorted(records.items())}}
+    times = {name: round(float(r["wall_time_s"]), 1) for name, r in sorted(records.items())}
+    return {"wall_s": round(wall, 1), **times}
 
 
 def recorded_times(profile: str = "tiny", reports: Path | None = None) -> dict[str, object]:

@@ -81,16 +81,21 @@ def inputs_fingerprint(py_path: Path, profile: str, shared: dict | None = None) 
     return stable_hash({"notebook": hashlib.sha256(py_path.read_bytes()).hexdigest(), **shared})
 
 
-def _reusable(py_path: Path, profile: str, fingerprint: str) -> bool:
-    """Whether the last run of this notebook ended ok on the same inputs and its report is still there."""
+def _run_records(folder: Path) -> dict:
+    """The run records in ``folder/runs.json``; empty when missing or damaged (the next run rewrites it)."""
     import json
 
-    runs = reports_dir(profile) / "runs.json"
     try:
-        record = json.loads(runs.read_text()).get(py_path.stem, {}) if runs.exists() else {}
-    except json.JSONDecodeError:
-        return False
+        records = json.loads((folder / "runs.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _reusable(py_path: Path, profile: str, fingerprint: str) -> bool:
+    """Whether the last run of this notebook ended ok on the same inputs and its report is still there."""
     out = reports_dir(profile)
+    record = _run_records(out).get(py_path.stem, {})
     return (record.get("status") == "ok" and record.get("inputs") == fingerprint
             and (out / f"{py_path.stem}.html").is_file())
 
@@ -322,8 +327,7 @@ def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bo
             print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
             run = run_notebook(path, profile, kernel, fingerprint=fingerprint)
             runs.append(run)
-            print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}",
-                  flush=True)
+            _print_finished(profile, run)
             if run.status != "ok" and not keep_going:
                 break
     write_index(profile, runs)
@@ -340,6 +344,10 @@ def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bo
     return runs
 
 
+def _print_finished(profile: str, run: NotebookRun) -> None:
+    print(f"[reproduce:{profile}] {run.notebook}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}", flush=True)
+
+
 def job_threads(jobs: int, cpus: int | None = None) -> int:
     """CPU threads for each of ``jobs`` notebooks run at once: an equal share of the cores, at least one."""
     cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -352,26 +360,18 @@ def longest_first(paths: list[Path], profile: str) -> list[Path]:
     as early as the longest allows. The times come from this profile's run records, or, when those miss a
     notebook, from another profile's that time them all (relative lengths carry over; a fresh clone has the
     committed ``tiny`` records); otherwise a notebook never timed goes first, the rest in their order."""
-    import json
-
-    def records_of(folder: Path) -> dict:
-        try:
-            runs = folder / "runs.json"
-            return json.loads(runs.read_text()) if runs.is_file() else {}
-        except (OSError, json.JSONDecodeError):
-            return {}
-
     def wall(records: dict, path: Path) -> float | None:
-        value = records.get(path.stem, {}).get("wall_time_s") if isinstance(records.get(path.stem), dict) else None
+        record = records.get(path.stem)
+        value = record.get("wall_time_s") if isinstance(record, dict) else None
         return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     own = reports_dir(profile)
     others = sorted(f for f in own.parent.iterdir() if f.is_dir() and f != own) if own.parent.is_dir() else []
     for folder in [own, *others]:
-        records = records_of(folder)
+        records = _run_records(folder)
         if all(wall(records, path) is not None for path in paths):
             return sorted(paths, key=lambda path: wall(records, path), reverse=True)
-    records = records_of(own)
+    records = _run_records(own)
     return sorted(paths, key=lambda path: wall(records, path) or float("inf"), reverse=True)  # stable
 
 
@@ -382,13 +382,8 @@ def _worker_command(path: Path, profile: str, kernel: str, fingerprint: str) -> 
 
 def _finished_run(path: Path, profile: str, returncode: int, wall: float) -> NotebookRun:
     """A worker's outcome from its run record (status, error), with the wall time seen from here."""
-    import json
-
     out = reports_dir(profile)
-    try:
-        record = json.loads((out / "runs.json").read_text()).get(path.stem, {})
-    except (OSError, json.JSONDecodeError):
-        record = {}
+    record = _run_records(out).get(path.stem, {})
     status = record.get("status", "failed")
     error = record.get("error")
     if returncode != 0 and status == "ok":
@@ -425,8 +420,7 @@ def _run_parallel(to_run: list[tuple[Path, str]], profile: str, kernel: str, job
                         continue
                     del running[path]
                     run = runs[path] = _finished_run(path, profile, proc.returncode, time.perf_counter() - started)
-                    print(f"[reproduce:{profile}] {path.stem}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}",
-                          flush=True)
+                    _print_finished(profile, run)
                     stop = stop or (run.status != "ok" and not keep_going)
                 if stop and not running:
                     break

@@ -323,7 +323,12 @@ def test_reproduce_rejects_a_bad_jobs_count():
         reproduce.main(["--profile", "smoke", "--jobs", "0"])
 
 
-THREADS = GOOD + '\n# %%\nimport os, time\ntime.sleep(float(os.environ.get("SLEEP", "0")))\nprint("threads", os.environ.get("OMP_NUM_THREADS"))\n'
+THREADS = GOOD + textwrap.dedent('''
+    # %%
+    import os, time
+    time.sleep(float(os.environ.get("SLEEP", "0")))
+    print("threads", os.environ.get("OMP_NUM_THREADS"))
+    ''')
 
 
 @pytest.mark.slow

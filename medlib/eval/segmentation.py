@@ -939,9 +939,10 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 
 
 __all__ = [
-    "BNLinearSegHead", "DiceLoss", "classes_below_prior", "InputSizeUNetDecoder", "bilinear_grid_oracle_masks", "decoder_doublings",
-    "last_grid_size", "FEW_SHOT_NS", "LOSSES", "LR_GRID", "OPTIMIZERS", "evaluate_prior", "majority_prior",
-    "segmentation_loss", "SegResult", "SegScores", "SegTrainConfig", "dice_jaccard",
-    "evaluate_segmenter", "frozen_linear", "frozen_unet", "grid_channels", "is_frozen", "label_map", "lr_grid", "model_classes",
-    "predict_masks", "scratch_unet", "segmentation_few_shot", "soft_dice_loss", "summarize", "train_segmenter",
+    "BNLinearSegHead", "DiceLoss", "FEW_SHOT_NS", "InputSizeUNetDecoder", "LOSSES", "LR_GRID", "OPTIMIZERS",
+    "SegResult", "SegScores", "SegTrainConfig", "bilinear_grid_oracle_masks", "classes_below_prior",
+    "decoder_doublings", "dice_jaccard", "evaluate_prior", "evaluate_segmenter", "frozen_linear", "frozen_unet",
+    "grid_channels", "is_frozen", "label_map", "last_grid_size", "lr_grid", "majority_prior", "model_classes",
+    "predict_masks", "scratch_unet", "segmentation_few_shot", "segmentation_loss", "soft_dice_loss", "summarize",
+    "train_segmenter",
 ]

@@ -658,12 +658,11 @@ class SegTables:
 
     def runs(self) -> pd.DataFrame:
         """Every training run behind the table: dataset, model, lr, restart, seed, best_val_dice, best_epoch,
-        val_below_prior (the classes that asked for the next restart), selected, seconds_per_epoch."""
+        val_below_prior (the classes the run leaves below the prior on validation), selected, seconds_per_epoch."""
         frames = [lrs.assign(dataset=dataset, model=seg_model_label(backbone, head))
                   for (dataset, backbone, head), lrs in self.lr_tables.items()]
         if not frames:
-            return pd.DataFrame(columns=["dataset", "model", "lr", "restart", "seed", "best_val_dice", "best_epoch",
-                                         "val_below_prior", "selected", "seconds_per_epoch"])
+            return pd.DataFrame(columns=["dataset", "model"])
         table = pd.concat(frames, ignore_index=True)
         front = ["dataset", "model"]
         return table[front + [c for c in table.columns if c not in front]]
