@@ -294,7 +294,9 @@ shares.round(3)
 # decoder** on the last 5 blocks of the frozen encoder (*our assumption:* its up-blocks stop doubling
 # once they reach the input size; the paper's four doublings would decode our 8 x 8 grid to twice
 # the input and resize it back), and a **U-Net from scratch**. Dice loss,
-# SGD + cosine, lr from `profile.eval.seg_lrs` and the epoch chosen on validation Dice. Metric:
+# SGD + cosine, lr from `profile.eval.seg_lrs` and the epoch chosen on validation Dice (*our
+# assumption:* at most `profile.eval.seg_epochs` evenly spaced validation passes per run, as the
+# paper's one per epoch, however many short epochs the step floors below give). Metric:
 # Dice and Jaccard per foreground class, their macro means and the mean of the two (the paper's
 # figures), with a 95 % percentile-bootstrap interval over test images. Beside every model stands
 # the **image-blind prior**: the per-pixel majority class of the training masks, which knows where
@@ -342,8 +344,11 @@ seg.per_class.pivot_table(index=["dataset", "class"], columns="model", values="d
 # Dice per class (rows) for every model (columns), the image-blind prior among them; `mean` is the
 # macro over the classes. Below: the models that fall short of the prior on some class, with the
 # bootstrap interval of their Dice and, for linear heads, their Dice on their own training images
-# beside the prior's there. A linear head that does not beat the prior even on the images it was fit
-# to is at the reach of a linear map of its token grid, not overfitting nor badly selected; the
+# beside the prior's there, and the Dice there of a linear map of the same tokens fitted to convergence
+# (`fit_train_dice`: full-batch L-BFGS on the Dice + cross-entropy loss, no step budget; a diagnostic, not
+# the paper's recipe). A linear head that does not beat the prior even on the images it was fit to is
+# not overfitting nor badly selected: if the converged fit does not beat it either, the class is beyond
+# a linear map of this token grid (capacity); if it does, the paper's recipe under-fits here. The
 # findings below name such cases (the known-answer tests show the head itself can reach Dice > 0.9).
 
 # %%

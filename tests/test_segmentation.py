@@ -167,6 +167,26 @@ def test_frozen_linear_head_learns_with_cached_features(cxr):
     assert restored == pytest.approx(result.best_val_dice, abs=1e-6)
 
 
+def test_fit_linear_map_reaches_at_least_what_sgd_reaches_on_its_training_images(cxr):
+    train, val = cxr
+    backbone = create_backbone("random-vit-smoke")
+    sgd = train_segmenter(frozen_linear(backbone, 4), train, val, epochs=3, lr=0.1, batch_size=8, image_size=32,
+                          device="cpu").model
+    fit = seg.fit_linear_map(backbone, train, 32, device="cpu", max_iter=100)
+    assert isinstance(fit.head, seg.BNLinearSegHead) and model_classes(fit) == 4
+    # BatchNorm holds the training tokens' own statistics, so the fitted map works on standardised tokens
+    grid = seg._FeatureStore(fit, 32, "cpu", 8, 1e9).get(train).grids[-1]
+    torch.testing.assert_close(fit.head.norm.running_mean, grid.mean(dim=(0, 2, 3)))
+    on_train = {name: summarize(evaluate_segmenter(m, train, 32, "cpu"))["dice"] for name, m in
+                (("sgd", sgd), ("fit", fit))}
+    assert on_train["fit"] >= on_train["sgd"] - 0.01 and on_train["fit"] > 0.5, on_train
+    again = seg.fit_linear_map(backbone, train, 32, device="cpu", max_iter=100)
+    torch.testing.assert_close(again.head.conv.weight, fit.head.conv.weight)  # deterministic
+    with pytest.raises(ValueError, match="has no masks"):
+        seg.fit_linear_map(backbone, ImageSet(images=train.images, labels=None, label_names=[], task="none",
+                                              patient_ids=train.patient_ids, name="no-masks"), 32)
+
+
 def test_scratch_unet_learns(cxr):
     train, val = cxr
     torch.manual_seed(0)
@@ -197,6 +217,24 @@ def test_best_epoch_by_val_dice_is_really_restored(small, monkeypatch):
     final = result.model.state_dict()
     assert all(torch.equal(final[k], states[1][k]) for k in final)
     assert not all(torch.equal(final[k], states[3][k]) for k in final)  # the last epoch was not kept
+
+
+def test_validated_epochs_are_evenly_spaced_and_end_with_the_last():
+    assert seg.validated_epochs(5, 0) == [0, 1, 2, 3, 4] and seg.validated_epochs(5, 9) == [0, 1, 2, 3, 4]
+    assert seg.validated_epochs(10, 5) == [1, 3, 5, 7, 9]
+    assert seg.validated_epochs(1000, 15) == [*range(66, 1000, 67), 999] and len(seg.validated_epochs(1000, 15)) == 15
+    assert seg.validated_epochs(7, 3) == [2, 5, 6]
+
+
+def test_training_validates_only_the_chosen_epochs(small):
+    train, val = small
+    result = train_segmenter(_tiny_unet(), train, val, epochs=6, lr=0.1, batch_size=4, image_size=32, device="cpu",
+                             validations=2)
+    validated = result.history["val_dice"].notna()
+    assert validated.tolist() == [False, False, True, False, False, True]
+    assert result.best_epoch in (2, 5) and "2 epochs validated" in result.selection
+    with pytest.raises(ValueError, match="validations must be"):
+        train_segmenter(_tiny_unet(), train, val, epochs=1, lr=0.1, batch_size=4, image_size=32, validations=-1)
 
 
 def test_training_is_deterministic(small):

@@ -300,15 +300,20 @@ def test_capacity_explanations_need_a_linear_head_that_does_not_fit_its_training
     from medlib.studies import radiology_benchmark as rb
 
     per_class = pd.DataFrame({
-        "dataset": "ct", "class": ["aorta", "liver", "aorta"],
-        "model": ["vit + linear head", "vit + linear head", "vit + U-Net decoder"],
-        "dice": [0.1, 0.4, 0.5], "prior_dice": [0.8, 0.5, 0.8],
-        "train_dice": [0.1, 0.7, 0.5], "prior_train_dice": [0.8, 0.5, 0.8]})
+        "dataset": "ct", "class": ["aorta", "liver", "aorta", "spleen"],
+        "model": ["vit + linear head", "vit + linear head", "vit + U-Net decoder", "vit + linear head"],
+        "dice": [0.1, 0.4, 0.5, 0.1], "prior_dice": [0.8, 0.5, 0.8, 0.3],
+        "train_dice": [0.1, 0.7, 0.5, 0.2], "prior_train_dice": [0.8, 0.5, 0.8, 0.3],
+        "fit_train_dice": [0.7, 0.9, float("nan"), 0.6]})
     out = rb.capacity_explanations(per_class)
     # liver fits its training images above the prior (so its test deficit is not capacity); U-Nets never qualify
-    assert list(out) == [("vit + linear head", "ct aorta")]
-    assert "0.100" in out[("vit + linear head", "ct aorta")] and "0.800" in out[("vit + linear head", "ct aorta")]
+    assert list(out) == [("vit + linear head", "ct aorta"), ("vit + linear head", "ct spleen")]
+    aorta, spleen = out[("vit + linear head", "ct aorta")], out[("vit + linear head", "ct spleen")]
+    # the fitted linear map stays below the prior on aorta (capacity) but clears it on spleen (the head under-fits)
+    assert aorta.startswith("capacity:") and "0.100" in aorta and "0.700" in aorta and "0.800" in aorta
+    assert spleen.startswith("under-fit:") and "0.600" in spleen and "0.300" in spleen
     assert rb.capacity_explanations(per_class.drop(columns="train_dice")) == {}
+    assert rb.capacity_explanations(per_class.drop(columns="fit_train_dice")) == {}
 
 
 def test_decoder_doubles_only_up_to_the_input_size():

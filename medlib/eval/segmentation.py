@@ -27,7 +27,8 @@ Conventions (each one a choice, stated once here):
   against 64 px maps, U-Nets scored the aorta and the spine below the image-blind prior at 128 px
   (our choice; the paper trains and scores at one size, 448 px).
 - Selection (:func:`train_segmenter`): the epoch with the best mean validation Dice is restored at
-  the end. Never AUROC (the authors' segmentation default, defect B4) and never the test set (B5).
+  the end. With ``validations`` > 0 only that many evenly spaced epochs are validated (the last always):
+  a run whose epochs are a single step (few-shot, n = 1) would otherwise validate after every step. Never AUROC (the authors' segmentation default, defect B4) and never the test set (B5).
 - Optimisation: SGD (momentum 0.9) or AdamW, cosine decay of the learning rate to 0 per step, no
   warm-up (the authors' code: SGD + cosine, lr grid 1e-4 .. 1e-1, :func:`lr_grid`).
 - Frozen backbones (no trainable backbone parameter: :func:`frozen_linear`, :func:`frozen_unet`): the
@@ -691,6 +692,7 @@ class SegTrainConfig:
     exclude_background: bool = True
     loss: str = "dice"
     target_size: str = "native"
+    validations: int = 0
     cache_features: bool | None = None
     cache_limit_gb: float = 2.0
     progress: bool = False
@@ -702,6 +704,9 @@ class SegTrainConfig:
             raise ValueError(f"target_size must be one of {TARGET_SIZES}, got {self.target_size!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if isinstance(self.validations, bool) or not isinstance(self.validations, (int, np.integer)) \
+                or self.validations < 0:
+            raise ValueError(f"validations must be an int >= 0 (0 = every epoch), got {self.validations!r}.")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -739,6 +744,9 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+_VAL_KEYS = ("val_loss", "val_dice", "val_jaccard", "val_mean_dj")
+
+
 def _validate(model: nn.Module, val: ImageSet, cfg: SegTrainConfig, device: str,
               store: _FeatureStore | None) -> dict[str, float]:
     """Validation Dice loss and mean-over-images macro Dice / Jaccard / their average."""
@@ -746,6 +754,15 @@ def _validate(model: nn.Module, val: ImageSet, cfg: SegTrainConfig, device: str,
                                     check=False, loss=cfg.loss)  # checked once before training
     return {"val_loss": loss, "val_dice": _nanmean(per_image["dice"]), "val_jaccard": _nanmean(per_image["jaccard"]),
             "val_mean_dj": _nanmean(per_image["mean_dj"])}
+
+
+def validated_epochs(epochs: int, validations: int) -> list[int]:
+    """The epochs after which a run is validated: every epoch (``validations`` 0 or >= ``epochs``), else at most
+    ``validations`` evenly spaced ones, every ``ceil(epochs / validations)``-th, the last epoch always included."""
+    if validations <= 0 or validations >= epochs:
+        return list(range(epochs))
+    every = math.ceil(epochs / validations)
+    return sorted({*range(every - 1, epochs, every), epochs - 1})
 
 
 def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg: SegTrainConfig,
@@ -785,6 +802,7 @@ def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     trained = model.head if frozen else model
     history, best_state, best_epoch, best_dice = [], None, 0, -math.inf
+    check = set(validated_epochs(cfg.epochs, cfg.validations))
     for epoch in progress(range(cfg.epochs), enabled=cfg.progress, desc="segmentation", leave=False):
         t0 = time.perf_counter()
         model.train()
@@ -800,10 +818,12 @@ def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg
             optimizer.step()
             scheduler.step()
             running += loss.item() * len(batch)
-        row = {"epoch": epoch, "lr": lr_now, "train_loss": running / len(rows),
-               **_validate(model, val, cfg, device, use_store)}
+        scores = _validate(model, val, cfg, device, use_store) if epoch in check else dict.fromkeys(_VAL_KEYS, math.nan)
+        row = {"epoch": epoch, "lr": lr_now, "train_loss": running / len(rows), **scores}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        if epoch not in check:
+            continue
         score = row["val_dice"] if not math.isnan(row["val_dice"]) else -math.inf
         if best_state is None or score > best_dice:
             best_dice, best_epoch, best_state = score, epoch, _snapshot(trained)
@@ -812,7 +832,8 @@ def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg
     result = SegResult(
         model=model.eval(), history=frame, best_epoch=best_epoch,
         best_val_dice=float(frame["val_dice"].iloc[best_epoch]),
-        selection=f"epoch {best_epoch} of {cfg.epochs} by mean validation Dice (restored)",
+        selection=f"epoch {best_epoch} of {cfg.epochs} by mean validation Dice (restored; "
+                  f"{len(check)} epochs validated)",
         wall_time_s=time.perf_counter() - start, seconds_per_epoch=float(frame["seconds"].mean()),
         frozen=frozen, cached_features=cached is not None)
     return result, store
@@ -824,9 +845,11 @@ def train_segmenter(model: nn.Module, train: ImageSet, val: ImageSet, *, epochs:
     """Train with the Dice loss (SGD / AdamW + cosine), keep the epoch with the best validation Dice.
 
     ``options`` are the other :class:`SegTrainConfig` fields: momentum, weight_decay, augment,
-    exclude_background, loss, target_size ("native" or "input"), cache_features (None = cache frozen grids when they fit), cache_limit_gb.
-    The history has one row per epoch: lr, train_loss, val_loss, val_dice, val_jaccard,
-    val_mean_dj and seconds (training plus validation).
+    exclude_background, loss, target_size ("native" or "input"), validations (at most this many
+    validation passes, evenly spaced, :func:`validated_epochs`; 0 = every epoch), cache_features
+    (None = cache frozen grids when they fit), cache_limit_gb. The history has one row per epoch: lr,
+    train_loss, val_loss, val_dice, val_jaccard, val_mean_dj (NaN on epochs not validated) and
+    seconds (training plus validation).
     """
     cfg = _config(options, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size, device=device,
                   seed=seed, optimizer=optimizer, progress=progress)
@@ -902,6 +925,47 @@ def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageS
     return best[1], table
 
 
+def fit_linear_map(backbone: Backbone, train: ImageSet, image_size: int, *, device: str = "auto",
+                   max_iter: int = 300, batch_size: int = 16) -> SegmentationModel:
+    """A linear head on ``backbone`` fitted to convergence on all of ``train`` at once: the reach of a linear map.
+
+    The head of :func:`frozen_linear` with its BatchNorm set to the training tokens' exact mean and
+    variance, and its 1x1 conv fitted by full-batch L-BFGS (strong-Wolfe line search, ``max_iter``
+    iterations) to the Dice + cross-entropy loss against the label maps at their own resolution. No
+    learning rate, batch order or step budget is left to choose, so the fit tells what a linear map of
+    these tokens can draw on the images it sees, apart from how SGD gets there. Diagnostic, not a
+    protocol: it fits the training images and never looks at validation or test.
+    """
+    if train.masks is None or not train.mask_names:
+        raise ValueError(f"fit_linear_map: {train.name!r} has no masks.")
+    device = resolve_device(device)
+    model = frozen_linear(backbone, len(train.mask_names) + 1).to(device)
+    _check_seg_set(train, model_classes(model), "train")
+    store = _FeatureStore(model, image_size, device, batch_size, float("inf"))
+    cached = store.get(train)
+    grid = cached.grids[-1].to(device)
+    target = cached.native_masks.to(device)
+    head = model.head
+    with torch.no_grad():
+        head.norm.running_mean.copy_(grid.mean(dim=(0, 2, 3)))
+        head.norm.running_var.copy_(grid.var(dim=(0, 2, 3), unbiased=False))
+        head.conv.weight.zero_()
+        head.conv.bias.zero_()
+    head.eval()
+    params = [head.conv.weight, head.conv.bias]
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=int(max_iter), history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = segmentation_loss(head([grid], out_size=tuple(target.shape[-2:])).float(), target, "dice_ce")
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model.eval()
+
+
 def _few_shot_rows(n_train: int, n: int | str, repeat: int, seed: int, sampling: str) -> np.ndarray:
     """Row indices into the training set for one (n, repeat): random or evenly spaced images."""
     if n == "all":
@@ -963,8 +1027,8 @@ def segmentation_few_shot(model_factory: Callable[[], nn.Module], train: ImageSe
 __all__ = [
     "BNLinearSegHead", "DiceLoss", "FEW_SHOT_NS", "InputSizeUNetDecoder", "LOSSES", "LR_GRID", "OPTIMIZERS",
     "SegResult", "SegScores", "SegTrainConfig", "TARGET_SIZES", "bilinear_grid_oracle_masks", "classes_below_prior",
-    "decoder_doublings", "dice_jaccard", "evaluate_prior", "evaluate_segmenter", "frozen_linear", "frozen_unet",
-    "grid_channels", "is_frozen", "label_map", "last_grid_size", "lr_grid", "majority_prior", "model_classes",
-    "predict_masks", "scratch_unet", "segmentation_few_shot", "segmentation_loss", "soft_dice_loss", "summarize",
-    "train_segmenter",
+    "decoder_doublings", "dice_jaccard", "evaluate_prior", "evaluate_segmenter", "fit_linear_map", "frozen_linear",
+    "frozen_unet", "grid_channels", "is_frozen", "label_map", "last_grid_size", "lr_grid", "majority_prior",
+    "model_classes", "predict_masks", "scratch_unet", "segmentation_few_shot", "segmentation_loss", "soft_dice_loss",
+    "summarize", "train_segmenter", "validated_epochs",
 ]
