@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score, jaccard_score
 
 from medlib.data import ImageSet
@@ -386,6 +387,22 @@ def test_training_targets_are_the_masks_at_their_own_resolution(cached):
                                                        torch.Generator(), "cpu", native=True)
     assert scratch_logits.shape == (2, 8, 64, 64)  # resized up to the masks, as at scoring
     np.testing.assert_array_equal(scratch_target.numpy(), ds.masks[rows])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_augmented_native_targets_keep_the_drawn_geometry(seed):
+    ds = make_dataset("cxr", 2, size=64)
+    transform = seg.SegmentationTransform(32, train=True, scale=(0.5, 1.0), hflip=0.5, rotation=10.0)
+    small_x, small_y = seg._stack(ds, np.array([0, 1]), transform, torch.Generator().manual_seed(seed))
+    big_x, big_y = seg._stack(ds, np.array([0, 1]), transform, torch.Generator().manual_seed(seed), native=True)
+    torch.testing.assert_close(big_x, small_x)  # the images are those of the input-size path
+    assert big_y.shape == (2, 64, 64) and small_y.shape == (2, 32, 32)
+    shrunk = F.interpolate(big_y[:, None].float(), size=(32, 32), mode="nearest-exact")[:, 0].long()
+    agree = float((shrunk == small_y).float().mean())
+    shifted = float((torch.roll(shrunk, 2, dims=-1) == small_y).float().mean())
+    assert agree > 0.95 and agree > shifted + 0.02, (agree, shifted)  # same crop, rotation and flip
+    with pytest.raises(ValueError, match="needs square masks"):
+        seg._native_mask(transform, np.zeros((64, 48), np.uint8), np.zeros((64, 48), np.uint8), torch.Generator())
 
 
 def _tiny_unet_ct() -> torch.nn.Module:

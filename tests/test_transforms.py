@@ -141,23 +141,6 @@ def test_segmentation_transform_keeps_the_mask_on_its_image(seed):
         assert shifted > 1.5  # the check notices a 2-pixel misalignment
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_segmentation_mask_size_keeps_the_geometry_at_the_masks_resolution(seed):
-    image, mask = _squares()
-    transform = SegmentationTransform(32, train=True, scale=(0.5, 1.0), rotation=0.0, hflip=0.5, normalize="none")
-    small_image, small_mask = transform(image, mask, generator=_gen(seed))
-    same_image, big_mask = transform(image, mask, generator=_gen(seed), mask_size=(64, 64))
-    torch.testing.assert_close(same_image, small_image)  # the image is untouched by mask_size
-    assert big_mask.shape == (64, 64) and big_mask.dtype == torch.int64
-    # the same crop: the 64 px map shrunk to 32 px agrees with the 32 px map except along borders
-    shrunk = torch.nn.functional.interpolate(big_mask[None, None].float(), size=(32, 32), mode="nearest-exact")[0, 0]
-    agree = float((shrunk.long() == small_mask).float().mean())
-    shifted = float((torch.roll(shrunk.long(), 2, dims=1) == small_mask).float().mean())
-    assert agree > 0.95 and agree > shifted + 0.02, (agree, shifted)  # the check notices a 2-pixel shift
-    _, plain = SegmentationTransform(32, train=False, normalize="none")(image, mask, mask_size=(64, 64))
-    np.testing.assert_array_equal(plain.numpy(), mask)  # no crop: the native map is the mask itself
-
-
 def test_segmentation_eval_resizes_both_without_crop():
     image, mask = _squares()
     out_image, out_mask = SegmentationTransform(32, train=False, normalize="none")(image, mask)

@@ -139,10 +139,8 @@ class _Augmentation:
         vflip = self.vflip > 0 and float(torch.rand(1, generator=generator)) < self.vflip
         return {"angle": angle, "crop": crop, "hflip": hflip, "vflip": vflip}
 
-    def apply(self, image: torch.Tensor, params: dict[str, Any], nearest: bool = False,
-              size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Apply sampled geometry to a (C, H, W) tensor (bilinear, or nearest for label maps), output ``size`` or size x size."""
-        out = [self.size, self.size] if size is None else [int(size[0]), int(size[1])]
+    def apply(self, image: torch.Tensor, params: dict[str, Any], nearest: bool = False) -> torch.Tensor:
+        """Apply sampled geometry to a (C, H, W) tensor (bilinear, or nearest for label maps)."""
         # NEAREST_EXACT samples pixel centres like bilinear does; plain NEAREST would shift masks by up
         # to half a pixel against their images when resizing.
         mode = InterpolationMode.NEAREST_EXACT if nearest else InterpolationMode.BILINEAR
@@ -150,11 +148,10 @@ class _Augmentation:
             rotate_mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
             image = F.rotate(image, params["angle"], interpolation=rotate_mode, fill=0.0)
         if params["crop"] is None:
-            if list(image.shape[-2:]) != out:
-                image = F.resize(image, out, interpolation=mode, antialias=not nearest)
+            image = F.resize(image, [self.size, self.size], interpolation=mode, antialias=not nearest)
         else:
             top, left, h, w = params["crop"]
-            image = F.resized_crop(image, top, left, h, w, out, interpolation=mode,
+            image = F.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=mode,
                                    antialias=not nearest)
         if params["hflip"]:
             image = F.horizontal_flip(image)
@@ -229,9 +226,8 @@ class SegmentationTransform(_Augmentation):
         super().__init__(size, train, scale, ratio, hflip, vflip, rotation, normalize)
 
     def __call__(self, image: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
-                 generator: torch.Generator | None = None, mask_size: tuple[int, int] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform one image and its mask together (the mask to ``mask_size`` if given)."""
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform one image and its mask together."""
         batch, single = _as_batch(image)
         if not single:
             raise ValueError("SegmentationTransform takes one image (H, W) or (H, W, 3) at a time")
@@ -244,7 +240,7 @@ class SegmentationTransform(_Augmentation):
         else:
             params = {"angle": 0.0, "crop": None, "hflip": False, "vflip": False}
         out_image = self.apply(batch[0], params)
-        out_mask = self.apply(label_map, params, nearest=True, size=mask_size)
+        out_mask = self.apply(label_map, params, nearest=True)
         return normalize_batch(out_image.unsqueeze(0), self.normalize)[0], out_mask[0].long()
 
     def __repr__(self) -> str:

@@ -364,16 +364,42 @@ def _check_image_size(model: nn.Module, image_size: int) -> None:
 def _stack(ds: ImageSet, rows: np.ndarray, transform: SegmentationTransform,
            generator: torch.Generator | None = None, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Transformed images (B, 3, S, S) and label maps (B, S, S) of ``rows`` (an all-zero mask if ds has none);
-    ``native``: the label maps at the data set's own size (same geometry)."""
+    ``native``: the label maps at the data set's own size instead, under the same geometry (:func:`_native_mask`)."""
     images, masks = [], []
     blank = np.zeros(ds.images.shape[1:3], dtype=np.uint8)
-    mask_size = tuple(ds.images.shape[1:3]) if native else None
     for row in rows:
         mask = np.asarray(ds.masks[row]) if ds.masks is not None else blank
-        image, labels = transform(np.asarray(ds.images[row]), mask, generator=generator, mask_size=mask_size)
-        images.append(image)
+        image = np.asarray(ds.images[row])
+        if native and transform.train:
+            if generator is None:
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+            state = generator.get_state()
+            out, _ = transform(image, mask, generator=generator)
+            labels = _native_mask(transform, image, mask, torch.Generator().set_state(state))
+        else:
+            out, labels = transform(image, mask, generator=generator)
+            if native:
+                labels = torch.from_numpy(mask.astype(np.int64))
+        images.append(out)
         masks.append(labels)
     return torch.stack(images), torch.stack(masks)
+
+
+def _native_mask(transform: SegmentationTransform, image: np.ndarray, mask: np.ndarray,
+                 generator: torch.Generator) -> torch.Tensor:
+    """The label map under the geometry ``transform`` draws from ``generator``, at the mask's own (square) size.
+
+    The random geometry depends only on the image's size and the generator, so a transform of the mask's size
+    replaying the generator's state draws the same rotation, crop box and flips as ``transform`` did.
+    """
+    height, width = mask.shape[:2]
+    if height != width:
+        raise ValueError(f"augment=True with target_size='native' needs square masks, got {height} x {width}; "
+                         "use target_size='input'.")
+    twin = SegmentationTransform(height, train=True, scale=transform.scale, hflip=transform.hflip,
+                                 rotation=transform.rotation, normalize=transform.normalize, ratio=transform.ratio,
+                                 vflip=transform.vflip)
+    return twin(image, mask, generator=generator)[1]
 
 
 def _batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
