@@ -366,13 +366,12 @@ def longest_first(paths: list[Path], profile: str) -> list[Path]:
         return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     own = reports_dir(profile)
+    own_records = _run_records(own)
     others = sorted(f for f in own.parent.iterdir() if f.is_dir() and f != own) if own.parent.is_dir() else []
-    for folder in [own, *others]:
-        records = _run_records(folder)
+    for records in (own_records, *map(_run_records, others)):
         if all(wall(records, path) is not None for path in paths):
             return sorted(paths, key=lambda path: wall(records, path), reverse=True)
-    records = _run_records(own)
-    return sorted(paths, key=lambda path: wall(records, path) or float("inf"), reverse=True)  # stable
+    return sorted(paths, key=lambda path: wall(own_records, path) or float("inf"), reverse=True)  # stable
 
 
 def _worker_command(path: Path, profile: str, kernel: str, fingerprint: str) -> list[str]:

@@ -402,7 +402,7 @@ def test_augmented_native_targets_keep_the_drawn_geometry(seed):
     shifted = float((torch.roll(shrunk, 2, dims=-1) == small_y).float().mean())
     assert agree > 0.95 and agree > shifted + 0.02, (agree, shifted)  # same crop, rotation and flip
     with pytest.raises(ValueError, match="needs square masks"):
-        seg._native_mask(transform, np.zeros((64, 48), np.uint8), np.zeros((64, 48), np.uint8), torch.Generator())
+        seg._native_mask(transform, np.zeros((64, 48), np.uint8), torch.Generator())
 
 
 def _tiny_unet_ct() -> torch.nn.Module:

@@ -28,7 +28,8 @@ Conventions (each one a choice, stated once here):
   (our choice; the paper trains and scores at one size, 448 px).
 - Selection (:func:`train_segmenter`): the epoch with the best mean validation Dice is restored at
   the end. With ``validations`` > 0 only that many evenly spaced epochs are validated (the last always):
-  a run whose epochs are a single step (few-shot, n = 1) would otherwise validate after every step. Never AUROC (the authors' segmentation default, defect B4) and never the test set (B5).
+  a run whose epochs are a single step (few-shot, n = 1) would otherwise validate after every step.
+  Never AUROC (the authors' segmentation default, defect B4) and never the test set (B5).
 - Optimisation: SGD (momentum 0.9) or AdamW, cosine decay of the learning rate to 0 per step, no
   warm-up (the authors' code: SGD + cosine, lr grid 1e-4 .. 1e-1, :func:`lr_grid`).
 - Frozen backbones (no trainable backbone parameter: :func:`frozen_linear`, :func:`frozen_unet`): the
@@ -375,7 +376,7 @@ def _stack(ds: ImageSet, rows: np.ndarray, transform: SegmentationTransform,
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
             state = generator.get_state()
             out, _ = transform(image, mask, generator=generator)
-            labels = _native_mask(transform, image, mask, torch.Generator().set_state(state))
+            labels = _native_mask(transform, mask, torch.Generator().set_state(state))
         else:
             out, labels = transform(image, mask, generator=generator)
             if native:
@@ -385,8 +386,7 @@ def _stack(ds: ImageSet, rows: np.ndarray, transform: SegmentationTransform,
     return torch.stack(images), torch.stack(masks)
 
 
-def _native_mask(transform: SegmentationTransform, image: np.ndarray, mask: np.ndarray,
-                 generator: torch.Generator) -> torch.Tensor:
+def _native_mask(transform: SegmentationTransform, mask: np.ndarray, generator: torch.Generator) -> torch.Tensor:
     """The label map under the geometry ``transform`` draws from ``generator``, at the mask's own (square) size.
 
     The random geometry depends only on the image's size and the generator, so a transform of the mask's size
@@ -397,9 +397,9 @@ def _native_mask(transform: SegmentationTransform, image: np.ndarray, mask: np.n
         raise ValueError(f"augment=True with target_size='native' needs square masks, got {height} x {width}; "
                          "use target_size='input'.")
     twin = SegmentationTransform(height, train=True, scale=transform.scale, hflip=transform.hflip,
-                                 rotation=transform.rotation, normalize=transform.normalize, ratio=transform.ratio,
-                                 vflip=transform.vflip)
-    return twin(image, mask, generator=generator)[1]
+                                 rotation=transform.rotation, ratio=transform.ratio, vflip=transform.vflip)
+    params = twin.sample(height, width, generator)  # the draws of transform(image, mask), replayed
+    return twin.apply(torch.from_numpy(np.array(mask, dtype=np.uint8))[None], params, nearest=True)[0].long()
 
 
 def _batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -730,13 +730,10 @@ class SegTrainConfig:
             raise ValueError(f"target_size must be one of {TARGET_SIZES}, got {self.target_size!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if isinstance(self.validations, bool) or not isinstance(self.validations, (int, np.integer)) \
-                or self.validations < 0:
-            raise ValueError(f"validations must be an int >= 0 (0 = every epoch), got {self.validations!r}.")
-        for name in ("epochs", "batch_size"):
+        for name, low, note in (("epochs", 1, ""), ("batch_size", 1, ""), ("validations", 0, " (0 = every epoch)")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}{note}, got {value!r}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}.")
         if self.cache_features and self.augment:
