@@ -344,10 +344,11 @@ seg.per_class.pivot_table(index=["dataset", "class"], columns="model", values="d
 # Dice per class (rows) for every model (columns), the image-blind prior among them; `mean` is the
 # macro over the classes. Below: the models that fall short of the prior on some class, with the
 # bootstrap interval of their Dice and, for linear heads, their Dice on their own training images
-# beside the prior's there, and the Dice there of a linear map of the same tokens fitted to convergence
-# (`fit_train_dice`: full-batch L-BFGS on the Dice + cross-entropy loss, no step budget; a diagnostic, not
-# the paper's recipe). A linear head that does not beat the prior even on the images it was fit to is
-# not overfitting nor badly selected: if the converged fit does not beat it either, the class is beyond
+# beside the prior's there, and the Dice there of a linear map of the same tokens fitted on all of them
+# at once (`fit_train_dice`: full-batch L-BFGS on whitened tokens, Dice + cross-entropy loss, up to
+# `eval.seg_fit_iters` iterations; a diagnostic, not the paper's recipe). A linear head that does not
+# beat the prior even on the images it was fit to is
+# not overfitting nor badly selected: if the full-batch fit does not beat it either, the class is beyond
 # a linear map of this token grid (capacity); if it does, the paper's recipe under-fits here. The
 # findings below name such cases (the known-answer tests show the head itself can reach Dice > 0.9).
 

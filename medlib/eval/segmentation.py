@@ -949,43 +949,66 @@ def lr_grid(model_factory: Callable[[], nn.Module], train: ImageSet, val: ImageS
 
 
 def fit_linear_map(backbone: Backbone, train: ImageSet, image_size: int, *, device: str = "auto",
-                   max_iter: int = 300, batch_size: int = 16) -> SegmentationModel:
-    """A linear head on ``backbone`` fitted to convergence on all of ``train`` at once: the reach of a linear map.
+                   max_iter: int = 300, batch_size: int = 16, ridge: float = 1e-4) -> SegmentationModel:
+    """A linear head on ``backbone`` fitted on all of ``train`` at once by L-BFGS: the reach of a linear map.
 
     The head of :func:`frozen_linear` with its BatchNorm set to the training tokens' exact mean and
-    variance, and its 1x1 conv fitted by full-batch L-BFGS (strong-Wolfe line search, ``max_iter``
-    iterations) to the Dice + cross-entropy loss against the label maps at their own resolution. No
-    learning rate, batch order or step budget is left to choose, so the fit tells what a linear map of
-    these tokens can draw on the images it sees, apart from how SGD gets there. Diagnostic, not a
+    variance and its 1x1 conv fitted by full-batch L-BFGS (strong-Wolfe line search, at most
+    ``max_iter`` iterations, stopping earlier once the loss moves less than 1e-7) to the Dice +
+    cross-entropy loss against the label maps at their own resolution. The fit runs on ZCA-whitened
+    tokens (covariance + ``ridge`` x its largest eigenvalue) and is folded back into the head: the same
+    linear maps of the tokens, but a well-conditioned problem (on the tiny chest phantoms L-BFGS
+    converges in ~50 iterations whitened, and is still climbing at 300 on standardised tokens).
+    No learning rate, batch order or step budget is left to choose, so the fit tells what a linear map
+    of these tokens can draw on the images it sees, apart from how SGD gets there. Diagnostic, not a
     protocol: it fits the training images and never looks at validation or test.
     """
     if train.masks is None or not train.mask_names:
         raise ValueError(f"fit_linear_map: {train.name!r} has no masks.")
+    if max_iter < 1 or ridge <= 0:
+        raise ValueError(f"fit_linear_map: max_iter must be >= 1 and ridge > 0, got {max_iter} and {ridge}.")
     device = resolve_device(device)
     model = frozen_linear(backbone, len(train.mask_names) + 1).to(device)
     _check_seg_set(train, model_classes(model), "train")
     store = _FeatureStore(model, image_size, device, batch_size, float("inf"))
     cached = store.get(train)
-    grid = cached.grids[-1].to(device)
+    grid = cached.grids[-1].to(device).float()
     target = cached.native_masks.to(device)
-    head = model.head
-    with torch.no_grad():
-        head.norm.running_mean.copy_(grid.mean(dim=(0, 2, 3)))
-        head.norm.running_var.copy_(grid.var(dim=(0, 2, 3), unbiased=False))
-        head.conv.weight.zero_()
-        head.conv.bias.zero_()
-    head.eval()
-    params = [head.conv.weight, head.conv.bias]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=int(max_iter), history_size=20,
-                                  line_search_fn="strong_wolfe")
+    n, channels, height, width = grid.shape
+    tokens = grid.permute(0, 2, 3, 1).reshape(-1, channels).double()
+    mean = tokens.mean(dim=0)
+    centred = tokens - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+    eigenvalues = eigenvalues.clamp_min(0) + ridge * eigenvalues.max().clamp_min(1e-12)
+    zca = (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
+    white = (centred @ zca).float().reshape(n, height, width, channels).permute(0, 3, 1, 2).contiguous()
+    n_classes = model_classes(model)
+    weight = torch.zeros(n_classes, channels, device=device, requires_grad=True)
+    bias = torch.zeros(n_classes, device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter), history_size=20,
+                                  tolerance_change=1e-7, line_search_fn="strong_wolfe")
+    out_size = tuple(target.shape[-2:])
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = segmentation_loss(head([grid], out_size=tuple(target.shape[-2:])).float(), target, "dice_ce")
+        logits = F.conv2d(white, weight[:, :, None, None], bias)
+        loss = segmentation_loss(F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False),
+                                 target, "dice_ce")
         loss.backward()
         return loss
 
     optimizer.step(closure)
+    head = model.head
+    variance = centred.pow(2).mean(dim=0)
+    with torch.no_grad():  # W zca (x - mean) == W' (x - mean) / sqrt(var + eps) with W' = W zca sqrt(var + eps)
+        head.norm.running_mean.copy_(mean.float())
+        head.norm.running_var.copy_(variance.float())
+        head.norm.weight.fill_(1.0)
+        head.norm.bias.zero_()
+        folded = (weight.detach().double() @ zca) * (variance + head.norm.eps).sqrt()
+        head.conv.weight.copy_(folded.float()[:, :, None, None])
+        head.conv.bias.copy_(bias.detach())
+    head.eval()
     return model.eval()
 
 

@@ -704,8 +704,8 @@ def _per_class_rows(per_image: pd.DataFrame, prior: pd.DataFrame, dataset: str, 
                     seed: int, train: pd.DataFrame | None = None, prior_train: pd.DataFrame | None = None,
                     fit_train: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """One row per foreground class (and "mean" = macro): test Dice, its interval and the prior's Dice
-    (with ``train`` / ``prior_train`` / ``fit_train``, the model's, the prior's and a linear map fitted to
-    convergence's Dice on the training images too)."""
+    (with ``train`` / ``prior_train`` / ``fit_train``, the model's, the prior's and a full-batch linear
+    fit's Dice on the training images too)."""
     classes = [c[len("dice_"):] for c in per_image.columns if c.startswith("dice_")]
     rows = []
     for name, column in [*[(c, f"dice_{c}") for c in classes], ("mean", "dice")]:
@@ -730,8 +730,8 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
     of the training masks, :func:`medlib.eval.segmentation.evaluate_prior`) per data set.
     ``per_class`` is the long form: dataset, model, class (and "mean"), dice, ci_low, ci_high,
     prior_dice, images (test images where the class is scored), interval, and for linear heads
-    train_dice / prior_train_dice / fit_train_dice (the head, the prior and a linear map fitted to
-    convergence, :func:`medlib.eval.segmentation.fit_linear_map`, on the training images; NaN elsewhere).
+    train_dice / prior_train_dice / fit_train_dice (the head, the prior and a linear map fitted on the
+    full batch, :func:`medlib.eval.segmentation.fit_linear_map`, on the training images; NaN elsewhere).
     """
     p = get_profile(profile)
     kwargs = _train_kwargs(p, device)
@@ -756,7 +756,8 @@ def segmentation_table(backbones: Mapping[str, Backbone], seg_sets: Mapping[str,
                 if head == "linear":  # for capacity_explanations: does the head fit its own training images?
                     train_images = segmentation.evaluate_segmenter(best.model, parts["train"], kwargs["image_size"],
                                                                    device)
-                    fit = segmentation.fit_linear_map(backbone, parts["train"], kwargs["image_size"], device=device)
+                    fit = segmentation.fit_linear_map(backbone, parts["train"], kwargs["image_size"], device=device,
+                                                        max_iter=p.eval.seg_fit_iters)
                     fit_images = segmentation.evaluate_segmenter(fit, parts["train"], kwargs["image_size"], device)
             test = segmentation.summarize(per_image)
             label = PRIOR if head == "prior" else seg_model_label(name, head)
@@ -860,8 +861,8 @@ def capacity_explanations(per_class: pd.DataFrame) -> dict[tuple[str, str], str]
 
     Only a frozen linear head that stays at or below the prior on the very images it was trained on
     (``train_dice`` <= ``prior_train_dice``) qualifies: it is not overfitting, nor picked badly on
-    validation. Then ``fit_train_dice``, a linear map of the same tokens fitted to convergence on those
-    images (:func:`medlib.eval.segmentation.fit_linear_map`), says which of two causes it is:
+    validation. Then ``fit_train_dice``, a linear map of the same tokens fitted by full-batch L-BFGS on
+    those images (:func:`medlib.eval.segmentation.fit_linear_map`), says which of two causes it is:
     **capacity** when that fit does not beat the prior either (a linear map of this token grid does not
     draw the class better than its average position), **under-fit** when it does (the paper's recipe,
     SGD on the Dice loss within the profile's steps, stops short of what a linear map can do). Without
@@ -878,12 +879,12 @@ def capacity_explanations(per_class: pd.DataFrame) -> dict[tuple[str, str], str]
         if not (np.isfinite(head) and np.isfinite(prior) and np.isfinite(fit)) or head > prior:
             continue
         if fit <= prior:
-            text = (f"capacity: on its own training images the linear head scores Dice {head:.3f} and a linear map of "
-                    f"the same tokens fitted to convergence {fit:.3f}, neither above the prior's {prior:.3f} there: a "
-                    "linear map of this token grid does not draw this class better than its average position does")
+            text = (f"capacity: on its own training images the linear head scores Dice {head:.3f} and a linear map "
+                    f"of the same tokens fitted by full-batch L-BFGS {fit:.3f}, neither above the prior's {prior:.3f} "
+                    "there: a linear map of this token grid does not draw this class better than its average position does")
         else:
             text = (f"under-fit: on its own training images the linear head scores Dice {head:.3f}, not above the "
-                    f"prior's {prior:.3f}, while a linear map of the same tokens fitted to convergence reaches "
+                    f"prior's {prior:.3f}, while a linear map of the same tokens fitted by full-batch L-BFGS reaches "
                     f"{fit:.3f}: the paper's recipe (SGD on the Dice loss) stops short of what a linear map can do here")
         out[(r["model"], f"{r['dataset']} {r['class']}")] = text
     return out
