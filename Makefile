@@ -1,7 +1,8 @@
 # The companion's commands. The two that matter: `make reproduce` and `make test`.
 PROFILE ?= tiny
-# notebooks executed at once, each with an equal share of the CPU threads (JOBS=2: smoke about 1.5x faster on 2 cores)
-JOBS ?= 1
+# notebooks executed at once; auto: as many as the cores hold at the profile's pinned CPU threads (smoke and tiny
+# compute with 1 thread each, so their numbers do not depend on JOBS), 1 for the GPU profiles
+JOBS ?= auto
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ NOTEBOOKS := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 help:
 	@echo "make reproduce [PROFILE=smoke|tiny|gpu|paper]  execute every notebook -> reports/, figures/"
-	@echo "    [DATA=my_data.toml] [OVERRIDES=\"eval.finetune_epochs=1 ...\"] [ONLY=\"01 03\"] [KEEP_GOING=1] [JOBS=2]"
+	@echo "    [DATA=my_data.toml] [OVERRIDES=\"eval.finetune_epochs=1 ...\"] [ONLY=\"01 03\"] [KEEP_GOING=1] [JOBS=auto|N]"
 	@echo "make test                                      unit + integration + nbval tests (~10 min)"
 	@echo "make test-long                                 the end-to-end runs (gpu switches, paper dry run, cards)"
 	@echo "make student                                   the notebooks without solutions -> build/student/"

@@ -1,4 +1,4 @@
-"""`make reproduce` wall times beside their budgets: a cold `smoke` run, one and two notebooks at a time, and the
+"""`make reproduce` wall times beside their budgets: a cold `smoke` run, one notebook at a time and `--jobs auto`, the
 recorded per-notebook times of the committed `tiny` reports."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 BUDGETS_S = {"smoke": 90.0, "tiny": 1200.0}
 
 
-def cold_reproduce_s(profile: str = "smoke", jobs: int = 1, kernel: str = "medlib") -> dict[str, float]:
+def cold_reproduce_s(profile: str = "smoke", jobs: int | str = 1, kernel: str = "medlib") -> dict[str, float]:
     """Wall seconds of ``python -m medlib.reproduce --profile <profile> --force --jobs <jobs>`` with an empty
     cache, reports and figures folder (all temporary), and each notebook's own recorded seconds."""
     with tempfile.TemporaryDirectory(prefix="medlib-bench-") as tmp:
@@ -34,18 +34,27 @@ def cold_reproduce_s(profile: str = "smoke", jobs: int = 1, kernel: str = "medli
 
 
 def recorded_times(profile: str = "tiny", reports: Path | None = None) -> dict[str, object]:
-    """Each notebook's last recorded wall time in ``reports/<profile>/runs.json`` (as committed), their sum and
-    the machine; the records do not say whether the caches were cold."""
+    """Each notebook's last recorded wall time in ``reports/<profile>/runs.json`` (as committed), their sum, the
+    span from the first start to the last end (the run's wall time when one run made them all, notebooks at once
+    included) and the machine; the records do not say whether the caches were cold."""
+    from datetime import datetime
+
     path = (reports or Path("reports")) / profile / "runs.json"
     if not path.is_file():
         return {"missing": str(path)}
     records = json.loads(path.read_text())
     times = {name: round(float(r.get("wall_time_s", float("nan"))), 1) for name, r in sorted(records.items())}
-    return {**times, "sum_s": round(sum(times.values()), 1),
-            "machines": sorted({str(r.get("machine", "?")) for r in records.values()})}
+    out: dict[str, object] = {**times, "sum_s": round(sum(times.values()), 1)}
+    try:
+        ends = {name: datetime.strptime(r["created"], "%Y-%m-%dT%H:%M:%S%z").timestamp() for name, r in records.items()}
+        out["span_s"] = round(max(ends.values()) - min(ends[n] - float(records[n]["wall_time_s"]) for n in ends), 1)
+    except (KeyError, TypeError, ValueError):
+        pass  # records without end times: the sum stands alone
+    out["machines"] = sorted({str(r.get("machine", "?")) for r in records.values()})
+    return out
 
 
-def main(jobs: tuple[int, ...] = (1, 2)) -> dict[str, object]:
+def main(jobs: tuple[int | str, ...] = (1, "auto")) -> dict[str, object]:
     """Cold `smoke` runs at each ``jobs`` and the committed `tiny` times, each beside its budget."""
     report: dict[str, object] = {"budget_smoke_s": BUDGETS_S["smoke"], "budget_tiny_s": BUDGETS_S["tiny"]}
     walls = {}
@@ -59,7 +68,7 @@ def main(jobs: tuple[int, ...] = (1, 2)) -> dict[str, object]:
     tiny = recorded_times("tiny")
     report["tiny_recorded"] = tiny
     if "sum_s" in tiny:
-        report["tiny_recorded_within_budget"] = float(tiny["sum_s"]) <= BUDGETS_S["tiny"]
+        report["tiny_recorded_within_budget"] = float(tiny.get("span_s", tiny["sum_s"])) <= BUDGETS_S["tiny"]
     print(report)
     return report
 

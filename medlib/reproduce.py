@@ -57,7 +57,8 @@ def shared_inputs(profile: str) -> dict:
             "profile": dataclasses.asdict(get_profile(profile)), "lock": lock_hash(),
             "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
                                                                        "MEDMNIST_ROOT", "MEDLIB_CACHE",
-                                                                       "MEDLIB_DATA_FILE", "MEDLIB_OVERRIDES")},
+                                                                       "MEDLIB_DATA_FILE", "MEDLIB_OVERRIDES",
+                                                                       "OMP_NUM_THREADS")},
             "data_file": _data_file_hash()}
 
 
@@ -259,17 +260,19 @@ def run_notebook(py_path: Path, profile: str, kernel: str = "medlib", timeout: i
         raise
     wall = time.perf_counter() - start
     html = render_html(output) if output.exists() else None
-    write_run_record(profile, py_path.stem, wall, status, error, inputs=fingerprint)
+    write_run_record(profile, py_path.stem, wall, status, error, inputs=fingerprint,
+                     cpu_threads=os.environ.get("OMP_NUM_THREADS"))
     return NotebookRun(py_path.stem, status, wall, output, html, error)
 
 
 def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = None,
               keep_going: bool = False, force: bool = False, site: bool = False, data: str | Path | None = None,
-              overrides: list[str] | None = None, jobs: int = 1) -> list[NotebookRun]:
+              overrides: list[str] | None = None, jobs: int | str = 1) -> list[NotebookRun]:
     """Execute every notebook for ``profile``; stop at the first failure unless ``keep_going``.
 
-    ``jobs`` > 1 executes that many notebooks at once, each in its own process with its share of the
-    CPU threads (:func:`job_threads`), the longest first (:func:`longest_first`); caches are shared
+    ``jobs`` > 1 executes that many notebooks at once, each in its own process, the longest first
+    (:func:`longest_first`); ``"auto"`` picks the count (:func:`resolve_jobs`). Each notebook computes with
+    :func:`notebook_threads` CPU threads (recorded, and part of its inputs); caches are shared
     safely (one build per entry, :func:`medlib.cache.entry_lock`). After a failure without
     ``keep_going`` no further notebook starts, and the running ones finish.
 
@@ -282,18 +285,26 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
     """
     from .datafile import settings_env
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}.")
+    if jobs != "auto" and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be an int >= 1 or 'auto', got {jobs!r}.")
     with kernel_environment({}, **settings_env(data, overrides)):
         return _reproduce(profile, kernel, only, keep_going, force, site, jobs)
 
 
 def _reproduce(profile: str, kernel: str, only: list[str] | None, keep_going: bool, force: bool,
-               site: bool = False, jobs: int = 1) -> list[NotebookRun]:
-    from .datafile import active_settings, validate
-
+               site: bool = False, jobs: int | str = 1) -> list[NotebookRun]:
     get_profile(profile)  # validate early
     paths = discover_notebooks(only=only)
+    jobs = resolve_jobs(jobs, profile, len(paths))
+    threads = str(notebook_threads(profile, jobs))
+    with kernel_environment({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}):
+        return _reproduce_paths(profile, kernel, paths, keep_going, force, site, jobs)
+
+
+def _reproduce_paths(profile: str, kernel: str, paths: list[Path], keep_going: bool, force: bool,
+                     site: bool, jobs: int) -> list[NotebookRun]:
+    from .datafile import active_settings, validate
+
     if get_profile(profile).name == "paper" or active_settings().active:
         validate(profile, [p.stem for p in paths])  # every problem at once, before any compute
     for name in mark_killed_runs(profile):
@@ -348,11 +359,37 @@ def _print_finished(profile: str, run: NotebookRun) -> None:
     print(f"[reproduce:{profile}] {run.notebook}: {run.status} in {run.wall_time_s:.1f} s -> {run.html}", flush=True)
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def job_threads(jobs: int, cpus: int | None = None) -> int:
     """CPU threads for each of ``jobs`` notebooks run at once: an equal share of the cores, at least one."""
-    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                          else os.cpu_count() or 1)
+    cpus = cpus if cpus is not None else _cpus()
     return max(1, int(cpus) // max(1, int(jobs)))
+
+
+def notebook_threads(profile: str, jobs: int, cpus: int | None = None) -> int:
+    """CPU threads each notebook computes with: the profile's pin (``cpu_threads``), else its share of the cores.
+
+    ``$OMP_NUM_THREADS``, when set, wins (and is recorded); the pin makes the numbers independent of ``jobs``.
+    """
+    pinned = get_profile(profile).cpu_threads
+    return int(pinned) if pinned > 0 else job_threads(jobs, cpus)
+
+
+def resolve_jobs(jobs: int | str, profile: str, notebooks: int, cpus: int | None = None) -> int:
+    """``jobs`` as a count: ``"auto"`` is as many notebooks at once as the cores hold at the profile's pinned
+    threads (``cpu_threads``; at most ``notebooks``), and one for a profile without a pin (a GPU profile)."""
+    if jobs == "auto":
+        pinned = get_profile(profile).cpu_threads
+        if pinned <= 0:
+            return 1
+        cpus = cpus if cpus is not None else _cpus()
+        return max(1, min(int(notebooks), int(cpus) // int(pinned)))
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1 or 'auto', got {jobs!r}.")
+    return jobs
 
 
 def longest_first(paths: list[Path], profile: str) -> list[Path]:
@@ -399,9 +436,8 @@ def _run_parallel(to_run: list[tuple[Path, str]], profile: str, kernel: str, job
     """Execute notebooks ``jobs`` at a time in worker processes (``--worker``), the longest first."""
     fingerprints = {path: fp for path, fp in to_run}
     pending = longest_first([path for path, _ in to_run], profile)
-    threads = str(job_threads(jobs))
-    env = {**os.environ, **{k: os.environ.get(k, threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-    print(f"[reproduce:{profile}] {len(pending)} notebooks, {jobs} at a time, {env['OMP_NUM_THREADS']} "
+    env = dict(os.environ)  # OMP_NUM_THREADS / MKL_NUM_THREADS: notebook_threads, set by _reproduce
+    print(f"[reproduce:{profile}] {len(pending)} notebooks, {jobs} at a time, {env.get('OMP_NUM_THREADS', '?')} "
           f"CPU thread(s) each", flush=True)
     running: dict[Path, tuple[subprocess.Popen, float]] = {}
     runs: dict[Path, NotebookRun] = {}
@@ -527,9 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="a data file (TOML, see data.example.toml): sources, weights folder, overrides")
     parser.add_argument("--override", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="profile fields to change, e.g. eval.finetune_epochs=1 backbone.compare=dinov2-vit-s14")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="notebooks executed at once, each in its own process with an equal share of the "
-                             "CPU threads (default 1)")
+    parser.add_argument("--jobs", type=_jobs_arg, default="auto",
+                        help="notebooks executed at once, each in its own process, or 'auto' (default): as many "
+                             "as the cores hold at the profile's pinned CPU threads (smoke, tiny: 1 each), else 1")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one notebook, for --jobs: its .py path
     parser.add_argument("--fingerprint", help=argparse.SUPPRESS)
     parser.add_argument("--refresh-committed", action="store_true",
@@ -537,8 +573,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-committed", action="store_true",
                         help="instead: write notebooks/*.ipynb with the outputs of the profile's executed reports")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.worker:
         run = run_notebook(Path(args.worker), args.profile, args.kernel, progress=False, fingerprint=args.fingerprint)
         return 0 if run.status == "ok" else 1
@@ -566,8 +600,20 @@ def main(argv: list[str] | None = None) -> int:
     reused = sum(r.reused for r in runs)
     print(f"[reproduce:{args.profile}] {len(runs) - len(failed)}/{len(runs)} notebooks ok ({reused} reused) in "
           f"{time.perf_counter() - started:.1f} s wall (notebooks executed: {total:.1f} s"
-          f"{f', {args.jobs} at a time' if args.jobs > 1 else ''})")
+          f"{f', --jobs {args.jobs}' if args.jobs != 1 else ''})")
     return 1 if failed else 0
+
+
+def _jobs_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'auto', got {value!r}")
+    return jobs
 
 
 if __name__ == "__main__":

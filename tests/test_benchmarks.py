@@ -105,6 +105,13 @@ def test_bench_reproduce_sets_times_beside_budgets_and_computes_its_ratio(tmp_pa
                                 "01_b": {"wall_time_s": 1500.0, "machine": "x86_64 2 cores"}}))
     recorded = bench_reproduce.recorded_times("tiny", tmp_path)
     assert recorded == {"00_a": 30.0, "01_b": 1500.0, "sum_s": 1530.0, "machines": ["x86_64 2 cores"]}
+    runs.write_text(json.dumps({  # two notebooks at once: the run's span, not the sum, is what a user waits
+        "00_a": {"wall_time_s": 30.0, "created": "2026-01-01T10:00:30+0000", "machine": "m"},
+        "01_b": {"wall_time_s": 1500.0, "created": "2026-01-01T10:25:10+0000", "machine": "m"}}))
+    spanned = bench_reproduce.recorded_times("tiny", tmp_path)
+    assert spanned["sum_s"] == 1530.0 and spanned["span_s"] == 1510.0, spanned
+    runs.write_text(json.dumps({"00_a": {"wall_time_s": 30.04, "machine": "x86_64 2 cores"},
+                                "01_b": {"wall_time_s": 1500.0, "machine": "x86_64 2 cores"}}))
     assert bench_reproduce.recorded_times("smoke", tmp_path) == {"missing": str(tmp_path / "smoke" / "runs.json")}
     walls = {1: 150.0, 2: 75.0}
     monkeypatch.setattr(bench_reproduce, "cold_reproduce_s", lambda profile, jobs: {"wall_s": walls[jobs]})

@@ -285,6 +285,37 @@ def test_publish_committed_takes_outputs_of_matching_cells_only(tmp_path, monkey
         reproduce.publish_committed(tmp_path / "08_missing.py", "tiny")
 
 
+def test_cpu_profiles_pin_their_threads_so_jobs_does_not_change_the_numbers():
+    assert reproduce.notebook_threads("tiny", 1, cpus=2) == reproduce.notebook_threads("tiny", 2, cpus=2) == 1
+    assert reproduce.notebook_threads("smoke", 1, cpus=16) == 1
+    assert reproduce.notebook_threads("gpu", 1, cpus=16) == 16 and reproduce.notebook_threads("gpu", 2, cpus=16) == 8
+    assert reproduce.resolve_jobs("auto", "tiny", 5, cpus=2) == 2
+    assert reproduce.resolve_jobs("auto", "tiny", 5, cpus=16) == 5, "never more jobs than notebooks"
+    assert reproduce.resolve_jobs("auto", "smoke", 1, cpus=2) == 1
+    assert reproduce.resolve_jobs("auto", "tiny", 5, cpus=1) == 1
+    assert reproduce.resolve_jobs("auto", "gpu", 5, cpus=16) == 1, "a GPU profile runs one notebook at a time"
+    assert reproduce.resolve_jobs(3, "gpu", 5) == 3
+    for bad in (0, -1, True, 1.5, "two"):
+        with pytest.raises(ValueError, match="jobs must be"):
+            reproduce.resolve_jobs(bad, "tiny", 5)
+
+
+def test_the_thread_count_is_part_of_a_notebooks_inputs(monkeypatch):
+    path = reproduce.discover_notebooks(only=["00"])[0]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = reproduce.inputs_fingerprint(path, "smoke")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert reproduce.inputs_fingerprint(path, "smoke") != one, "a report made with other threads is not reused"
+
+
+def test_jobs_argument_takes_auto_or_a_positive_count(capsys):
+    assert reproduce._jobs_arg("auto") == "auto" and reproduce._jobs_arg("3") == 3
+    for bad in ("0", "x", "-2"):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--profile", "smoke", "--jobs", bad])
+        assert "--jobs: must be an int >= 1 or 'auto'" in capsys.readouterr().err
+
+
 def test_job_threads_shares_the_cores_and_keeps_one():
     assert reproduce.job_threads(1, cpus=2) == 2
     assert reproduce.job_threads(2, cpus=2) == 1
@@ -346,7 +377,8 @@ def test_jobs_run_notebooks_at_once_in_workers_with_a_share_of_threads(nb_dir, t
     for run in runs:
         nb = nbformat.read(run.output, as_version=4)
         text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-        assert f"threads {reproduce.job_threads(2)}" in text and "profile is smoke" in text
+        assert f"threads {reproduce.notebook_threads('smoke', 2)}" in text and "profile is smoke" in text
+    assert all(records[n]["cpu_threads"] == "1" for n in names), "smoke pins one thread per notebook"
     assert [r.reused for r in reproduce.reproduce("smoke", kernel="python3", jobs=2)] == [True] * 3
 
 
