@@ -34,7 +34,8 @@
 # **Prerequisites.** Python, NumPy arrays of images; nothing about deep learning yet. Terms:
 # [phantom](../docs/glossary.md#phantom), [MedMNIST](../docs/glossary.md#medmnist), [RadImageNet](../docs/glossary.md#radimagenet).
 #
-# **Time on a laptop** (2-core CPU): `smoke` 43 s measured with cold caches on 2 shared cores, `tiny` about 1.5 min (88 s in `reports/tiny/runs.json`).
+# **Time on a laptop** (2-core CPU, `make reproduce`: one thread per notebook, two notebooks at once; every run's own time is in `reports/<profile>/runs.json` and on the summary page):
+# `smoke` under 20 s, `tiny` about 0.5 min.
 # No exercises here; notebooks 01-04 end with theirs.
 
 # %% tags=["parameters"]

@@ -53,7 +53,8 @@
 #
 # **Prerequisites.** Notebooks 01 and 02; [RadImageNet](../docs/glossary.md#radimagenet); [AUROC](../docs/glossary.md#auroc).
 #
-# **Time on a laptop** (2-core CPU): `smoke` 99 s measured with cold caches on 2 shared cores (about 40 s warm; the exercises add 1 s); `tiny` about 15.5 min (936 s in `reports/tiny/runs.json`).
+# **Time on a laptop** (2-core CPU, `make reproduce`: one thread per notebook, two notebooks at once; every run's own time is in `reports/<profile>/runs.json` and on the summary page):
+# `smoke` about 30 s (the exercises add 1 s), `tiny` about 8.5 min from a cold cache.
 # Exercises: 3.1 selection on test, 3.2 fewer folds, 3.3 another pair of arms.
 
 # %% tags=["parameters"]
