@@ -116,8 +116,8 @@ class EvalConfig:
     seg_restarts: int = 1
     # retrain each U-Net still below the prior at the masks' resolution (notebook 01's input-resolution check)
     seg_resolution_check: bool = True
-    # L-BFGS iterations of the converged linear fit (segmentation.fit_linear_map) that tells capacity from under-fit
-    # where a linear head is below the prior; at 300 the 8 x 8 tiny fit still gains ~0.01 Dice per 100 (measured)
+    # at most this many L-BFGS iterations for the full-batch linear fit (segmentation.fit_linear_map) that tells
+    # capacity from under-fit where a linear head is below the prior (tiny, whitened: chest converges in ~50)
     seg_fit_iters: int = 300
     peft_train_images: int = 0  # cap on the training images of full / LoRA / BitFit fine-tuning (0 = whole train split)
     # study 2 (Tayebi Arasteh et al. 2023): initialisations compared by full fine-tuning (medlib.studies.imagenet_vs_ssl_init); paper values

@@ -285,8 +285,6 @@ def reproduce(profile: str, kernel: str = "medlib", only: list[str] | None = Non
     """
     from .datafile import settings_env
 
-    if jobs != "auto" and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ValueError(f"jobs must be an int >= 1 or 'auto', got {jobs!r}.")
     with kernel_environment({}, **settings_env(data, overrides)):
         return _reproduce(profile, kernel, only, keep_going, force, site, jobs)
 
@@ -436,8 +434,8 @@ def _run_parallel(to_run: list[tuple[Path, str]], profile: str, kernel: str, job
     """Execute notebooks ``jobs`` at a time in worker processes (``--worker``), the longest first."""
     fingerprints = {path: fp for path, fp in to_run}
     pending = longest_first([path for path, _ in to_run], profile)
-    env = dict(os.environ)  # OMP_NUM_THREADS / MKL_NUM_THREADS: notebook_threads, set by _reproduce
-    print(f"[reproduce:{profile}] {len(pending)} notebooks, {jobs} at a time, {env.get('OMP_NUM_THREADS', '?')} "
+    # the workers inherit OMP_NUM_THREADS / MKL_NUM_THREADS (notebook_threads) from _reproduce
+    print(f"[reproduce:{profile}] {len(pending)} notebooks, {jobs} at a time, {os.environ.get('OMP_NUM_THREADS', '?')} "
           f"CPU thread(s) each", flush=True)
     running: dict[Path, tuple[subprocess.Popen, float]] = {}
     runs: dict[Path, NotebookRun] = {}
@@ -448,7 +446,7 @@ def _run_parallel(to_run: list[tuple[Path, str]], profile: str, kernel: str, job
                 while pending and len(running) < jobs and not stop:
                     path = pending.pop(0)
                     print(f"[reproduce:{profile}] {path.stem} ...", flush=True)
-                    proc = subprocess.Popen(_worker_command(path, profile, kernel, fingerprints[path]), env=env)
+                    proc = subprocess.Popen(_worker_command(path, profile, kernel, fingerprints[path]))
                     running[path] = (proc, time.perf_counter())
                 for path, (proc, started) in list(running.items()):
                     if proc.poll() is None:

@@ -968,38 +968,37 @@ def fit_linear_map(backbone: Backbone, train: ImageSet, image_size: int, *, devi
     if max_iter < 1 or ridge <= 0:
         raise ValueError(f"fit_linear_map: max_iter must be >= 1 and ridge > 0, got {max_iter} and {ridge}.")
     device = resolve_device(device)
-    model = frozen_linear(backbone, len(train.mask_names) + 1).to(device)
-    _check_seg_set(train, model_classes(model), "train")
-    store = _FeatureStore(model, image_size, device, batch_size, float("inf"))
-    cached = store.get(train)
+    n_classes = len(train.mask_names) + 1
+    model = frozen_linear(backbone, n_classes).to(device)
+    _check_seg_set(train, n_classes, "train")
+    cached = _FeatureStore(model, image_size, device, batch_size, float("inf")).get(train)
     grid = cached.grids[-1].to(device).float()
     target = cached.native_masks.to(device)
     n, channels, height, width = grid.shape
     tokens = grid.permute(0, 2, 3, 1).reshape(-1, channels).double()
     mean = tokens.mean(dim=0)
     centred = tokens - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+    covariance = centred.T @ centred / len(centred)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues = eigenvalues.clamp_min(0) + ridge * eigenvalues.max().clamp_min(1e-12)
     zca = (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
     white = (centred @ zca).float().reshape(n, height, width, channels).permute(0, 3, 1, 2).contiguous()
-    n_classes = model_classes(model)
     weight = torch.zeros(n_classes, channels, device=device, requires_grad=True)
     bias = torch.zeros(n_classes, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=int(max_iter), history_size=20,
                                   tolerance_change=1e-7, line_search_fn="strong_wolfe")
-    out_size = tuple(target.shape[-2:])
+    out_size = _pair(tuple(target.shape[-2:]))
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        logits = F.conv2d(white, weight[:, :, None, None], bias)
-        loss = segmentation_loss(F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False),
-                                 target, "dice_ce")
+        logits = _resize(F.conv2d(white, weight[:, :, None, None], bias), out_size)  # as the head upsamples
+        loss = segmentation_loss(logits, target, "dice_ce")
         loss.backward()
         return loss
 
     optimizer.step(closure)
     head = model.head
-    variance = centred.pow(2).mean(dim=0)
+    variance = covariance.diagonal()
     with torch.no_grad():  # W zca (x - mean) == W' (x - mean) / sqrt(var + eps) with W' = W zca sqrt(var + eps)
         head.norm.running_mean.copy_(mean.float())
         head.norm.running_var.copy_(variance.float())
