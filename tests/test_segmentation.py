@@ -128,6 +128,46 @@ def test_soft_dice_loss_rejects_bad_input():
         soft_dice_loss(logits, torch.zeros(2, 4, 4))
 
 
+def test_soft_dice_loss_equals_the_one_hot_form():
+    gen = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(3, 5, 7, 9, generator=gen), torch.randint(0, 5, (3, 7, 9), generator=gen)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, 5).permute(0, 3, 1, 2).float()
+    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1e-5) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1e-5)
+    assert soft_dice_loss(logits, target, exclude_background=False).item() == pytest.approx(1 - dice.mean().item(),
+                                                                                              abs=1e-7)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((8, 8), (128, 128)), ((5, 7), (16, 11)), ((16, 16), (4, 6)),
+                                               ((8, 8), (8, 8))])
+def test_matrix_resize_matches_bilinear_interpolate(size_in, size_out):
+    x = torch.randn(2, 3, *size_in, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    expected = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    got = seg.matrix_resize(x, size_out)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    grad_expected, = torch.autograd.grad((expected * weights).sum(), x)
+    grad_got, = torch.autograd.grad((got * weights).sum(), x)
+    torch.testing.assert_close(grad_got, grad_expected, atol=1e-5, rtol=1e-5)
+
+
+def test_interpolation_matrix_rows_sum_to_one_and_reject_bad_sizes():
+    matrix = seg.interpolation_matrix(8, 128)
+    assert matrix.shape == (128, 8)
+    torch.testing.assert_close(matrix.sum(1), torch.ones(128))
+    assert (matrix >= 0).all()
+    assert torch.equal(seg.interpolation_matrix(4, 4), torch.eye(4))
+    with pytest.raises(ValueError, match="sizes >= 1"):
+        seg.interpolation_matrix(0, 4)
+
+
+def test_has_spatial_convs_tells_a_unet_from_a_linear_head():
+    assert seg.has_spatial_convs(seg.scratch_unet(3))
+    assert not seg.has_spatial_convs(seg.BNLinearSegHead(16, 3))
+    assert not seg.has_spatial_convs(torch.nn.Linear(3, 3))
+
+
 # --------------------------------------------------------------------------- models
 
 

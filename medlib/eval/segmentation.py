@@ -44,6 +44,7 @@ Conventions (each one a choice, stated once here):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -62,7 +63,7 @@ from ..data.transforms import SegmentationTransform
 from ..engine import derive_seed, progress
 from ..models.adapters import freeze
 from ..models.backbones import Backbone
-from ..models.heads import LinearSegHead, SegmentationModel, UNet, UNetDecoder, _as_grid_list, _pair, _resize
+from ..models.heads import LinearSegHead, SegmentationModel, UNet, UNetDecoder, _as_grid_list, _pair
 
 OPTIMIZERS = ("sgd", "adamw")
 #: Training losses (:func:`segmentation_loss`): "dice" (default) = soft Dice over all classes, background
@@ -174,7 +175,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, exclude_backgroun
         raise ValueError(f"soft_dice_loss: target holds labels {low}..{high} but the logits have {n_classes} "
                          f"classes (0..{n_classes - 1}); build the model with n_classes = len(mask_names) + 1.")
     probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(target.long(), n_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    classes = torch.arange(n_classes, device=target.device).view(1, n_classes, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).to(probs.dtype)  # = one_hot().permute(), without the strided copy
     dims = (0, 2, 3)
     intersection = (probs * onehot).sum(dims)
     total = probs.sum(dims) + onehot.sum(dims)
@@ -228,6 +230,26 @@ def grid_channels(backbone: Backbone, n: int) -> list[int]:
     return [int(info["num_chs"]) for info in backbone.model.feature_info][-n:]
 
 
+@functools.lru_cache(maxsize=64)
+def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """The (n_out, n_in) matrix of 1-D linear interpolation as ``F.interpolate(mode="linear", align_corners=False)``."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"interpolation_matrix needs sizes >= 1, got n_in={n_in}, n_out={n_out}.")
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in signals of length n_in
+    matrix = F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).T.float()
+    return matrix.requires_grad_(False)  # memoised: callers must not modify it in place
+
+
+def matrix_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of (B, C, h, w) as two matrix products: the values of ``F.interpolate``
+    (to float rounding), with a backward pass several times faster on the CPU for large upsampling factors."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    rows = interpolation_matrix(x.shape[-2], size[0]).to(x.device, x.dtype)
+    cols = interpolation_matrix(x.shape[-1], size[1]).to(x.device, x.dtype)
+    return rows @ x @ cols.T
+
+
 class BNLinearSegHead(LinearSegHead):
     """DINOv2's linear segmentation head (``BNHead``, Oquab et al. 2023): BatchNorm, then the 1x1 conv, upsampled.
 
@@ -244,7 +266,7 @@ class BNLinearSegHead(LinearSegHead):
     def forward(self, grids: torch.Tensor | Sequence[torch.Tensor], out_size: int | tuple[int, int]) -> torch.Tensor:
         """Logits (B, n_classes, H, W) from a grid or a list of grids (the last one is used)."""
         grid = _as_grid_list(grids)[-1]
-        return _resize(self.conv(self.norm(grid)), _pair(out_size))
+        return matrix_resize(self.conv(self.norm(grid)), _pair(out_size))
 
 
 def last_grid_size(backbone: Backbone, image_size: int) -> int:
@@ -310,6 +332,11 @@ def scratch_unet(n_classes: int, base: int = 16, depth: int = 4) -> UNet:
     """The plain U-Net baseline trained from scratch (width ``base``, ``depth`` poolings)."""
     _check_n_classes(n_classes, True, "scratch_unet")
     return UNet(int(n_classes), in_ch=3, base=base, depth=depth)
+
+
+def has_spatial_convs(module: nn.Module) -> bool:
+    """Whether ``module`` holds a Conv2d wider than 1x1 (a U-Net, not a linear head): it trains channels-last."""
+    return any(isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1) for m in module.modules())
 
 
 def model_classes(model: nn.Module) -> int:
@@ -808,6 +835,9 @@ def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameter; nothing to train.")
     model.to(device)
+    trained = model.head if frozen else model
+    if has_spatial_convs(trained):  # channels-last 3x3 convolutions: ~15-25 % faster U-Net steps on the CPU
+        trained.to(memory_format=torch.channels_last)
     if frozen and (store is None or not store.matches(model, cfg.image_size)):
         store = _FeatureStore(model, cfg.image_size, device, cfg.batch_size, cfg.cache_limit_gb * 1024 ** 3)
     use_store = store if frozen and cfg.cache_features is not False else None
@@ -823,7 +853,6 @@ def _fit(model: nn.Module, train: ImageSet, rows: np.ndarray, val: ImageSet, cfg
     optimizer = _make_optimizer(cfg, params)
     total_steps = cfg.epochs * len(_batches(rows, cfg.batch_size, None))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    trained = model.head if frozen else model
     history, best_state, best_epoch, best_dice = [], None, 0, -math.inf
     check = set(validated_epochs(cfg.epochs, cfg.validations))
     for epoch in progress(range(cfg.epochs), enabled=cfg.progress, desc="segmentation", leave=False):
@@ -991,7 +1020,7 @@ def fit_linear_map(backbone: Backbone, train: ImageSet, image_size: int, *, devi
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        logits = _resize(F.conv2d(white, weight[:, :, None, None], bias), out_size)  # as the head upsamples
+        logits = matrix_resize(F.conv2d(white, weight[:, :, None, None], bias), out_size)  # as the head upsamples
         loss = segmentation_loss(logits, target, "dice_ce")
         loss.backward()
         return loss
