@@ -11,6 +11,7 @@ import torch
 
 from medlib.diffusion.pipeline import (
     DiNODiffusionPipeline, DinoConditionEncoder, build_pipeline, manifold_sample, null_condition_like, slerp,
+    small_unet_config,
 )
 from medlib.diffusion.train import cache_conditioning, diffusion_loss, drop_condition, train_ldm
 from medlib.diffusion.vae import make_vae, reconstruct, small_vae_config, train_vae, vae_scale_factor
@@ -314,3 +315,16 @@ def test_train_vae_learns_and_reports_metrics():
     assert result.history["loss"].iloc[-5:].mean() < result.history["loss"].iloc[:5].mean()
     assert len(result.heldout) == 1 and np.isfinite(result.psnr) and result.psnr > 15 and 0 < result.ssim <= 1
     assert result.vae.config.scaling_factor == pytest.approx(result.scaling_factor) and result.scaling_factor > 0
+
+
+@pytest.mark.parametrize("channels, head_dim", [((32, 64, 128), 32), ((16, 32), 8)])
+def test_unet_attention_heads_have_the_configured_width(channels, head_dim):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    config = small_unet_config(8, 4, 24, channels, 1, 16, head_dim)
+    unet = UNet2DConditionModel(**config)
+    widths = {m.to_q.out_features // m.heads for m in unet.modules() if isinstance(m, Attention)}
+    assert widths == {head_dim}  # not diffusers' reading of attention_head_dim as a head count (width 1 at 32 ch)
+    with pytest.raises(ValueError, match="must divide every level width"):
+        small_unet_config(8, 4, 24, (32, 48), 1, 16, 32)

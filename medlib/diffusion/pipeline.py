@@ -172,10 +172,20 @@ def small_unet_config(sample_size: int, in_channels: int, encoder_hid_dim: int,
                       block_out_channels: Sequence[int] = (64, 128, 256), layers_per_block: int = 2,
                       cross_attention_dim: int = 256, attention_head_dim: int = 32,
                       norm_num_groups: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of a small ``UNet2DConditionModel`` with cross-attention at every level."""
+    """Keyword arguments of a small ``UNet2DConditionModel`` with cross-attention at every level.
+
+    ``attention_head_dim`` is the width of each attention head, so level c has c / attention_head_dim heads.
+    diffusers' ``UNet2DConditionModel`` reads its own ``attention_head_dim`` as the number of *heads* (a
+    naming issue it keeps for compatibility, huggingface/diffusers#2011), so the heads per level are what
+    it is given: passing 32 there would make 32 heads of width 1 at a 32-channel level.
+    """
     channels = tuple(int(c) for c in block_out_channels)
     if len(channels) < 2:
         raise ValueError(f"small_unet_config: block_out_channels={block_out_channels} needs at least two levels.")
+    if attention_head_dim < 1 or any(c % attention_head_dim for c in channels):
+        raise ValueError(f"small_unet_config: attention_head_dim={attention_head_dim} must divide every level width "
+                         f"{channels} (each level has width / attention_head_dim heads).")
+    heads = tuple(c // int(attention_head_dim) for c in channels)
     if sample_size % 2 ** (len(channels) - 1):
         raise ValueError(f"small_unet_config: latent size {sample_size} must be divisible by "
                          f"{2 ** (len(channels) - 1)} ({len(channels)} levels).")
@@ -187,7 +197,7 @@ def small_unet_config(sample_size: int, in_channels: int, encoder_hid_dim: int,
         down_block_types=("CrossAttnDownBlock2D",) * len(channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(channels),
         block_out_channels=channels, layers_per_block=int(layers_per_block), norm_num_groups=int(groups),
-        cross_attention_dim=int(cross_attention_dim), attention_head_dim=int(attention_head_dim),
+        cross_attention_dim=int(cross_attention_dim), attention_head_dim=heads,  # heads per level, see above
         encoder_hid_dim=int(encoder_hid_dim), encoder_hid_dim_type="text_proj",
     )
 
