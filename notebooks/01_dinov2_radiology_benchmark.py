@@ -53,7 +53,7 @@
 # [ViT](../docs/glossary.md#vit-patch-size) and [self-supervised learning](../docs/glossary.md#ssl) ([DINOv2](../docs/glossary.md#dinov2)) are.
 #
 # **Time on a laptop** (2-core CPU, `make reproduce`: one thread per notebook, two notebooks at once; every run's own time is in `reports/<profile>/runs.json` and on the summary page):
-# `smoke` about 1 min (the exercises add 7 s), `tiny` about 30 min (
+# `smoke` about 1 min (the exercises add 7 s), `tiny` about 29 min (
 # the `tiny` run stops at the sanity gate of the findings, so in a `tiny` session run the exercises by hand
 # after it). Exercises: 1.1 kNN with k = 1, 1.2 the acquisition shift, 1.3 a smaller LoRA rank.
 

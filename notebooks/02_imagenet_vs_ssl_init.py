@@ -50,7 +50,7 @@
 # and [DINOv2](../docs/glossary.md#dinov2)); a p-value.
 #
 # **Time on a laptop** (2-core CPU, `make reproduce`: one thread per notebook, two notebooks at once; every run's own time is in `reports/<profile>/runs.json` and on the summary page):
-# `smoke` about 20 s (the exercises add 2 s), `tiny` about 8.5 min.
+# `smoke` about 20 s (the exercises add 2 s), `tiny` about 9 min.
 # Exercises: 2.1 a smaller training set, 2.2 paired vs unpaired bootstrap, 2.3 BH vs raw p.
 
 # %% tags=["parameters"]

@@ -49,7 +49,7 @@
 # **Prerequisites.** Notebooks 00 and 01; [DINOv2](../docs/glossary.md#dinov2); what a diffusion model does (noise in, image out).
 #
 # **Time on a laptop** (2-core CPU, `make reproduce`: one thread per notebook, two notebooks at once; every run's own time is in `reports/<profile>/runs.json` and on the summary page):
-# `smoke` about 30 s (the exercises add 3 s), `tiny` about 14 min with the committed LDM. Exercises: 4.1 lerp vs slerp, 4.2 guidance 1 vs 4, 4.3 fewer sampling steps.
+# `smoke` about 30 s (the exercises add 3 s), `tiny` about 11 min with the committed LDM. Exercises: 4.1 lerp vs slerp, 4.2 guidance 1 vs 4, 4.3 fewer sampling steps.
 
 # %% tags=["parameters"]
 profile = None  # "smoke" | "tiny" | "gpu" | "paper"; None: $MEDLIB_PROFILE, else "tiny"
