@@ -55,10 +55,11 @@ def shared_inputs(profile: str) -> dict:
             weights.update(hashlib.sha256(path.read_bytes()).digest())
     return {"code": code.hexdigest(), "weights": weights.hexdigest(),
             "profile": dataclasses.asdict(get_profile(profile)), "lock": lock_hash(),
+            # not MEDLIB_CACHE: where the cache lives changes no number (its entries are keyed by their inputs and
+            # verified), and a fresh clone must be able to reuse reports made with another cache folder
             "env": {k: v for k, v in sorted(os.environ.items()) if k in ("MEDLIB_DATA", "MEDLIB_WEIGHTS_DIR",
-                                                                       "MEDMNIST_ROOT", "MEDLIB_CACHE",
-                                                                       "MEDLIB_DATA_FILE", "MEDLIB_OVERRIDES",
-                                                                       "OMP_NUM_THREADS")},
+                                                                       "MEDMNIST_ROOT", "MEDLIB_DATA_FILE",
+                                                                       "MEDLIB_OVERRIDES", "OMP_NUM_THREADS")},
             "data_file": _data_file_hash()}
 
 

@@ -243,6 +243,8 @@ def test_inputs_fingerprint_follows_source_profile_and_settings(nb_dir, monkeypa
     monkeypatch.setenv("MEDLIB_DATA", "/somewhere/else")
     assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") != base
     monkeypatch.delenv("MEDLIB_DATA")
+    monkeypatch.setenv("MEDLIB_CACHE", str(nb_dir / "another-cache"))  # where the cache lives changes no number
+    assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") == base
     (nb_dir / "00_good.py").write_text(GOOD + "\n")
     assert reproduce.inputs_fingerprint(nb_dir / "00_good.py", "smoke") != base
 
